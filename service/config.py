@@ -1,0 +1,73 @@
+"""The one settings object. Read once (``get_settings``) at start-up, validated, then injected."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; environment variables use the ``SALIENCY_`` prefix."""
+
+    model_config = SettingsConfigDict(env_prefix="SALIENCY_", extra="ignore")
+
+    # --- serving ---------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # --- models ----------------------------------------------------------------------------------
+    models_config: Path | None = Field(
+        None, description="TOML file with [[models]] tables; unset: the builtin efficientnet_lite0."
+    )
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16 autocast for explanations (CUDA only; ignored on CPU)."
+    )
+    warmup: bool = True
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; unset: torch's default")
+
+    # --- images ----------------------------------------------------------------------------------
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(40_000_000, ge=1024, description="decoded pixels (bomb guard)")
+    min_image_size: int = Field(8, ge=1, description="smallest accepted width or height in pixels")
+    overlay_background: tuple[int, int, int] = (255, 255, 255)
+
+    # --- synchronous explain -----------------------------------------------------------------------
+    request_timeout_s: float = Field(60.0, gt=0)
+    max_sync_passes: int = Field(
+        4096, ge=1, description="images × targets × steps × samples above this → 422, use /v1/jobs"
+    )
+    default_batch_size: int = Field(32, ge=1, le=1024)
+    batching: bool = True
+    batch_max_delay_ms: float = Field(5.0, ge=0)
+    batch_max_size: int = Field(16, ge=1)
+    sync_queue_size: int = Field(64, ge=1, description="waiting synchronous requests per model before 503")
+
+    # --- jobs ------------------------------------------------------------------------------------
+    jobs_backend: Literal["local", "celery"] = "local"
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    job_queue_size: int = Field(100, ge=1)
+    job_retention_s: int = Field(3600, ge=1)
+    job_max_images: int = Field(256, ge=1)
+    job_visibility_timeout_s: int = Field(6 * 3600, ge=60)
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        v = value.strip().lower()
+        if v in {"auto", "cpu", "cuda"}:
+            return v
+        if v.startswith("cuda:") and v[5:].isdigit():
+            return v
+        raise ValueError("device must be auto, cpu, cuda or cuda:N")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment once."""
+    return Settings()
