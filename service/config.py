@@ -29,7 +29,9 @@ class Settings(BaseSettings):
         "fp32", description="bf16 autocast for explanations (CUDA only; ignored on CPU)."
     )
     warmup: bool = True
-    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; unset: torch's default")
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads; unset: torch's default"
+    )
 
     # --- images ----------------------------------------------------------------------------------
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)

@@ -54,7 +54,9 @@ class ExplainParams:
     baseline: Baseline = field(default="black", metadata={"doc": "IG baseline"})
     rule: Rule = field(default="gausslegendre", metadata={"doc": "IG integration rule"})
     seed: int | None = field(default=None, metadata={"doc": "noise seed; same seed, same result"})
-    batch_size: int = field(default=32, metadata={"doc": "passes run at once (memory knob)", "min": 1, "max": 1024})
+    batch_size: int = field(
+        default=32, metadata={"doc": "passes run at once (memory knob)", "min": 1, "max": 1024}
+    )
     autocast: bool = field(default=False, metadata={"doc": "bf16 autocast (CUDA only)"})
 
     def validate(self) -> ExplainParams:

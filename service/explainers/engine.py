@@ -84,7 +84,9 @@ def explain(
         model = handle.prepared(keep=layer)
         xd = x.detach().to(handle.device, torch.float32)
         with torch.inference_mode():
-            logits = torch.cat([model(xd[s : s + params.batch_size]).float() for s in range(0, n, params.batch_size)])
+            logits = torch.cat(
+                [model(xd[s : s + params.batch_size]).float() for s in range(0, n, params.batch_size)]
+            )
         tk = resolve_targets(logits.cpu(), targets, top_k).to(handle.device)
         k = tk.shape[1]
         probs = logits.softmax(dim=1)
@@ -114,7 +116,9 @@ def explain(
         targets=tk.cpu(),
         scores=probs.gather(1, tk).cpu(),
         logits=logits.gather(1, tk).cpu(),
-        attributions=None if attributions is None else attributions.float().reshape(n, k, *attributions.shape[1:]).cpu(),
+        attributions=None
+        if attributions is None
+        else attributions.float().reshape(n, k, *attributions.shape[1:]).cpu(),
         completeness_delta=None if out.delta is None else out.delta.float().reshape(n, k).cpu(),
         signed=m.signed,
     )
