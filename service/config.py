@@ -56,7 +56,18 @@ class Settings(BaseSettings):
     job_queue_size: int = Field(100, ge=1)
     job_retention_s: int = Field(3600, ge=1)
     job_max_images: int = Field(256, ge=1)
-    job_visibility_timeout_s: int = Field(6 * 3600, ge=60)
+    job_visibility_timeout_s: int = Field(
+        6 * 3600, ge=60, description="Celery/Redis: unacked messages are redelivered after this"
+    )
+    job_lease_s: float = Field(
+        30.0, ge=1.0, description="a running job whose worker sent no heartbeat for this long is re-queued"
+    )
+    job_max_attempts: int = Field(
+        2, ge=1, description="deliveries of a job whose worker died before it is marked failed"
+    )
+    redis_namespace: str = Field(
+        "saliency", pattern=r"^[A-Za-z0-9_.\-]{1,64}$", description="prefix of job keys and the Celery queue"
+    )
 
     @field_validator("device")
     @classmethod

@@ -3,7 +3,15 @@
 Importing this package registers every method (each module's ``@register`` runs on import).
 """
 
-from service.explainers import cam  # noqa: F401  (registers methods)
+from service.explainers import (  # importing a method module registers its methods
+    cam,  # noqa: F401
+    class_cam,  # noqa: F401
+    eigencam,  # noqa: F401
+    gradient,  # noqa: F401
+    noise,  # noqa: F401
+    path,  # noqa: F401
+    scorecam,  # noqa: F401
+)
 from service.explainers.base import (
     Attribution,
     ExplainParams,

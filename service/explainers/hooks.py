@@ -31,7 +31,7 @@ def capture(model: nn.Module, layer: str, *, leaf: bool = False) -> Iterator[Cap
     """Record the output of ``layer`` on each forward pass.
 
     With ``leaf=True`` the output is replaced by a detached copy that requires grad: the rest of the
-    network runs on it, so a backward pass from the logits stops at this layer, and no autograd
+    network runs on (a clone of) it, so a backward pass from the logits stops at this layer, and no autograd
     graph is kept below it (run the forward with inputs that do not require grad).
     """
     module = get_layer(model, layer)
@@ -43,7 +43,9 @@ def capture(model: nn.Module, layer: str, *, leaf: bool = False) -> Iterator[Cap
         if leaf:
             output = output.detach().requires_grad_(True)
         box.activation = output
-        return output
+        # The network continues on a copy: an in-place op after the layer (DenseNet's
+        # F.relu(inplace=True)) must neither alter the record nor write into the leaf.
+        return output.clone()
 
     handle = module.register_forward_hook(hook)
     try:

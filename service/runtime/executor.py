@@ -1,61 +1,84 @@
-"""Runs model work off the event loop: one worker thread per device, a bounded queue, deadlines.
+"""Runs synchronous model work off the event loop: a worker per device, batching, limits, deadlines.
 
-The HTTP layer awaits ``Executor.explain`` / ``Executor.predict``; model work happens on the
-device's worker thread, so the event loop (and ``/healthz``) keeps answering meanwhile.
+The HTTP layer awaits ``Executor.explain`` / ``Executor.predict``; the work runs on the device's
+worker thread (``service.runtime.devices``), so the event loop (and ``/healthz``) keeps answering.
+With batching on, concurrent compatible explain requests share one engine call
+(``service.runtime.batcher``). Limits: at most ``queue_size`` requests waiting or running per
+model (503 beyond), and a deadline per request (504 past it; a queued request never starts, a
+running one stops at its next chunk). The cost limit of synchronous requests (422 pointing to
+``/v1/jobs``) is checked by the API before it calls here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any
 
+import torch
 from torch import Tensor
 
+from service.config import Settings
 from service.errors import DeadlineExceeded, Overloaded
-from service.explainers import ExplainParams, Explanation, ModelHandle, explain, predict
+from service.explainers import ExplainParams, Explanation, ModelHandle, predict
 from service.explainers.engine import TargetSpec
-
-T = TypeVar("T")
+from service.metrics import Metrics
+from service.runtime.batcher import CallRequest, make_request
+from service.runtime.devices import DeviceWorker, PriorityGate, Request
 
 
 class Executor:
-    """One single-thread pool per device; at most ``queue_size`` calls waiting or running."""
+    """The synchronous lane of every device, created on first use."""
 
-    def __init__(self, *, queue_size: int = 64, timeout_s: float = 60.0) -> None:
-        self._pools: dict[str, ThreadPoolExecutor] = {}
-        self._lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(queue_size)
+    def __init__(
+        self,
+        *,
+        queue_size: int = 64,
+        timeout_s: float = 60.0,
+        batching: bool = False,
+        batch_max_delay_ms: float = 5.0,
+        batch_max_size: int = 16,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.queue_size = queue_size
         self.timeout_s = timeout_s
+        self.batching = batching and batch_max_size > 1
+        self.batch_max_delay_s = batch_max_delay_ms / 1000.0
+        self.batch_max_size = batch_max_size
+        self.metrics = metrics
+        self._workers: dict[str, DeviceWorker] = {}
+        self._waiting: dict[int, int] = {}
+        self._lock = threading.Lock()
 
-    def _pool(self, handle: ModelHandle) -> ThreadPoolExecutor:
-        key = str(handle.device)
+    @classmethod
+    def from_settings(cls, settings: Settings, metrics: Metrics | None = None) -> Executor:
+        return cls(
+            queue_size=settings.sync_queue_size,
+            timeout_s=settings.request_timeout_s,
+            batching=settings.batching,
+            batch_max_delay_ms=settings.batch_max_delay_ms,
+            batch_max_size=settings.batch_max_size,
+            metrics=metrics,
+        )
+
+    # --- devices -------------------------------------------------------------------------------
+    def worker(self, device: torch.device | str) -> DeviceWorker:
+        key = str(device)
         with self._lock:
-            if key not in self._pools:
-                self._pools[key] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{key}")
-            return self._pools[key]
+            if key not in self._workers:
+                self._workers[key] = DeviceWorker(
+                    key,
+                    max_batch=self.batch_max_size if self.batching else 1,
+                    max_delay_s=self.batch_max_delay_s,
+                    metrics=self.metrics,
+                )
+            return self._workers[key]
 
-    async def _run(
-        self, handle: ModelHandle, fn: Callable[[Callable[[], bool]], T], timeout: float | None
-    ) -> T:
-        if not self._slots.acquire(blocking=False):
-            raise Overloaded("too many requests are waiting for this model; retry shortly", retry_after=1)
-        cancelled = threading.Event()
-        try:
-            loop = asyncio.get_running_loop()
-            future = loop.run_in_executor(self._pool(handle), fn, cancelled.is_set)
-            try:
-                return await asyncio.wait_for(asyncio.shield(future), timeout or self.timeout_s)
-            except TimeoutError:
-                cancelled.set()  # the engine stops at its next chunk
-                raise DeadlineExceeded(
-                    f"the request did not finish within {timeout or self.timeout_s:g} s"
-                ) from None
-        finally:
-            self._slots.release()
+    def gate(self, device: torch.device | str) -> PriorityGate:
+        """The gate that background work on ``device`` yields through (see ``devices``)."""
+        return self.worker(device).gate
 
+    # --- calls ---------------------------------------------------------------------------------
     async def explain(
         self,
         handle: ModelHandle,
@@ -67,16 +90,65 @@ class Executor:
         top_k: int = 1,
         timeout: float | None = None,
     ) -> Explanation:
-        def work(is_cancelled: Callable[[], bool]) -> Explanation:
-            return explain(handle, x, method, params, targets=targets, top_k=top_k, cancel=is_cancelled)
-
-        return await self._run(handle, work, timeout)
+        """Explain ``x`` on the handle's device; may share an engine call with concurrent requests."""
+        request = make_request(
+            handle, x, method, params, targets=targets, top_k=top_k, batching=self.batching
+        )
+        result: Explanation = await self._submit(handle, request, timeout)
+        return result
 
     async def predict(self, handle: ModelHandle, x: Tensor, *, timeout: float | None = None) -> Tensor:
-        return await self._run(handle, lambda _c: predict(handle, x), timeout)
+        request = CallRequest(fn=lambda _c: predict(handle, x))
+        result: Tensor = await self._submit(handle, request, timeout)
+        return result
+
+    async def _submit(self, handle: ModelHandle, request: Request, timeout: float | None) -> Any:
+        self._reserve(handle)
+        request.future.add_done_callback(lambda _f: self._release(handle))
+        try:
+            self.worker(handle.device).submit(request)
+        except RuntimeError:
+            raise Overloaded("the service is shutting down", retry_after=1) from None
+        return await self._wait(request, timeout or self.timeout_s)
+
+    async def _wait(self, request: Request, timeout: float) -> Any:
+        waiter = asyncio.wrap_future(request.future)
+        waiter.add_done_callback(_consume)
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        except TimeoutError:
+            request.stop.set()  # a running call stops at its next chunk
+            request.future.cancel()  # a queued one never starts
+            raise DeadlineExceeded(f"the request did not finish within {timeout:g} s") from None
+
+    def _reserve(self, handle: ModelHandle) -> None:
+        with self._lock:
+            waiting = self._waiting.get(id(handle), 0)
+            if waiting >= self.queue_size:
+                raise Overloaded(
+                    f"{waiting} requests are already waiting for model {handle.name!r}; retry shortly",
+                    retry_after=1,
+                )
+            self._waiting[id(handle)] = waiting + 1
+
+    def _release(self, handle: ModelHandle) -> None:
+        with self._lock:
+            self._waiting[id(handle)] = max(0, self._waiting.get(id(handle), 1) - 1)
+
+    def waiting(self, handle: ModelHandle) -> int:
+        """Requests waiting or running for ``handle`` (the queue bound's count)."""
+        with self._lock:
+            return self._waiting.get(id(handle), 0)
 
     def shutdown(self) -> None:
         with self._lock:
-            for pool in self._pools.values():
-                pool.shutdown(wait=False, cancel_futures=True)
-            self._pools.clear()
+            workers = list(self._workers.values())
+            self._workers.clear()
+        for w in workers:
+            w.close()
+
+
+def _consume(fut: asyncio.Future[Any]) -> None:
+    """Retrieve a late result's exception so asyncio does not log it as never retrieved."""
+    if not fut.cancelled():
+        fut.exception()

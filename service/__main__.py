@@ -1,0 +1,86 @@
+"""The ``saliency`` command line: ``serve``, ``openapi``, ``worker``.
+
+Settings come from the ``SALIENCY_*`` environment (``service.config.Settings``); ``serve``'s
+``--host``/``--port`` override ``SALIENCY_HOST``/``SALIENCY_PORT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from service.config import Settings, get_settings
+from service.errors import ConfigError
+
+
+def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+    from service.models.spec import load_config
+
+    updates = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    settings = settings.model_copy(update=updates)
+    if settings.models_config is not None:
+        load_config(settings.models_config)  # a broken config fails here, before the server starts
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=args.access_log,
+        timeout_graceful_shutdown=5,
+    )
+    return 0
+
+
+def _openapi(settings: Settings, args: argparse.Namespace) -> int:
+    from service.app import create_app
+
+    spec = create_app(settings).openapi()
+    sys.stdout.write(json.dumps(spec, indent=2, ensure_ascii=False) + "\n")
+    return 0
+
+
+def _worker(settings: Settings, args: argparse.Namespace) -> int:
+    from service.runtime.celery_app import run_worker  # type: ignore[import-not-found,unused-ignore]
+
+    result = run_worker(settings, list(args.worker_args))
+    return int(result or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="saliency", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the HTTP service (uvicorn)")
+    serve.add_argument("--host", help="listen address (default: SALIENCY_HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (default: SALIENCY_PORT or 8000)")
+    serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.set_defaults(func=_serve)
+
+    openapi = sub.add_parser("openapi", help="print the OpenAPI document (JSON) to stdout")
+    openapi.set_defaults(func=_openapi)
+
+    worker = sub.add_parser("worker", help="run a Celery worker for jobs (SALIENCY_JOBS_BACKEND=celery)")
+    worker.add_argument("worker_args", nargs=argparse.REMAINDER, help="passed on to the Celery worker")
+    worker.set_defaults(func=_worker)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = get_settings()
+        return int(args.func(settings, args))
+    except ConfigError as exc:
+        print(f"saliency: {exc.message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

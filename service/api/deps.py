@@ -1,0 +1,67 @@
+"""What routes need from the application, injected with FastAPI's ``Depends``.
+
+``create_app`` puts one ``Services`` object on ``app.state.services``. The registry and the job
+service appear there once the lifespan has loaded them (off the event loop); until then the
+dependencies below raise ``NotReady`` (503) while ``/healthz`` keeps answering.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+
+from service.config import Settings
+from service.errors import NotReady
+from service.metrics import Metrics
+from service.models.registry import LoadedModel, ModelRegistry
+from service.runtime.executor import Executor
+
+
+@dataclass
+class Services:
+    """The application's long-lived objects; ``registry`` and ``jobs`` are ``None`` while loading."""
+
+    settings: Settings
+    metrics: Metrics
+    executor: Executor
+    registry: ModelRegistry | None = None
+    jobs: Any = None  # service.runtime.jobs.JobService once started
+    load_error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ready(self) -> bool:
+        return self.registry is not None and bool(self.registry.ready)
+
+    def require_registry(self) -> ModelRegistry:
+        if self.registry is None:
+            if self.load_error is not None:
+                raise NotReady(f"the models could not be loaded: {self.load_error}")
+            raise NotReady("the models are still loading; retry shortly")
+        return self.registry
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+def get_settings(services: Annotated[Services, Depends(get_services)]) -> Settings:
+    return services.settings
+
+
+def get_registry(services: Annotated[Services, Depends(get_services)]) -> ModelRegistry:
+    return services.require_registry()
+
+
+def get_model(model: str, registry: Annotated[ModelRegistry, Depends(get_registry)]) -> LoadedModel:
+    """The path parameter ``{model}`` resolved; unknown names raise ``UnknownModel`` (404)."""
+    return registry.get(model)
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
+ModelDep = Annotated[LoadedModel, Depends(get_model)]

@@ -1,0 +1,231 @@
+"""OpenAPI documentation of the image routes, derived from the parameter models and the registry.
+
+Image routes read their body themselves (multipart *or* JSON, see ``service.api.params``), so
+FastAPI cannot infer it; ``image_request_body`` describes both content types from the route's
+pydantic options model, with the method enum taken from the engine's registry. In the multipart
+variant ``image`` is a binary string, which Swagger UI shows as a file picker.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from pydantic import BaseModel
+
+from service.api.params import RequestOptions
+from service.api.schemas import Problem
+
+ORDER = (
+    "model",
+    "method",
+    "methods",
+    "target",
+    "top_k",
+    "layer",
+    "steps",
+    "samples",
+    "noise_level",
+    "baseline",
+    "rule",
+    "seed",
+    "batch_size",
+    "resolution",
+    "colormap",
+    "alpha",
+    "reduction",
+    "normalize",
+    "format",
+)
+
+# a valid 16×16 PNG (a colour ramp): the JSON example Swagger UI pre-fills
+TINY_PNG_BASE64 = (
+    "iVBORw0KGgoAAAANSUhEUgAAABAAAAAQCAIAAACQkWg2AAAAHElEQVR42mNkYGAQIAWxMDAIMJACRjWMahg6GgCWfAIezUhyVgAAAABJRU5ErkJggg=="
+)
+
+
+def _flatten(prop: dict[str, Any]) -> dict[str, Any]:
+    """``anyOf: [X, null]`` → X (keeping title, description, default, enum): simple form fields."""
+    options = prop.get("anyOf")
+    if not options:
+        return prop
+    kept = [o for o in options if o.get("type") != "null"]
+    if len(kept) != 1:
+        return prop
+    flat = {k: v for k, v in prop.items() if k != "anyOf"}
+    flat.update({k: v for k, v in kept[0].items() if k not in flat})
+    if flat.get("default") is None:
+        flat.pop("default", None)
+    return flat
+
+
+def options_schema(options_type: type[BaseModel]) -> dict[str, Any]:
+    """The options model's JSON Schema with flattened, ordered properties."""
+    schema = options_type.model_json_schema()
+    props: dict[str, Any] = {name: _flatten(p) for name, p in schema.get("properties", {}).items()}
+    ordered = {name: props[name] for name in ORDER if name in props}
+    ordered.update({k: v for k, v in props.items() if k not in ordered})
+    return {"type": "object", "properties": ordered, "required": list(schema.get("required", []))}
+
+
+def image_request_body(
+    options_type: type[RequestOptions], *, image_field: str = "image", many: bool = False
+) -> dict[str, Any]:
+    """``openapi_extra`` for a route that takes images: multipart/form-data and application/json."""
+    base = options_schema(options_type)
+    binary = {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream"}
+    b64 = {"type": "string", "contentEncoding": "base64", "description": "the image file, base64-encoded"}
+    form = copy.deepcopy(base)
+    body = copy.deepcopy(base)
+    if many:
+        form_image: dict[str, Any] = {"type": "array", "items": binary, "description": "image files (repeat the field)"}
+        json_image: dict[str, Any] = {"type": "array", "items": b64, "minItems": 1}
+    else:
+        form_image = {**binary, "description": "the image file (JPEG, PNG, WebP, BMP, TIFF, GIF)"}
+        json_image = b64
+    form["properties"] = {image_field: form_image, **form["properties"]}
+    body["properties"] = {image_field: json_image, **body["properties"]}
+    for s in (form, body):
+        s["required"] = [image_field, *s["required"]]
+    example = {image_field: [TINY_PNG_BASE64] if many else TINY_PNG_BASE64}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {"schema": form},
+                "application/json": {"schema": body, "example": example},
+            },
+        }
+    }
+
+
+PNG_DOC = {"schema": {"type": "string", "format": "binary"}, "example": "(a PNG image)"}
+NPY_DOC = {"schema": {"type": "string", "format": "binary"}, "example": "(a NumPy .npy file)"}
+IMAGE_HEADERS = {
+    "X-Target-Index": {"description": "class index explained", "schema": {"type": "integer"}},
+    "X-Target-Label": {"description": "its label (percent-encoded if not ASCII)", "schema": {"type": "string"}},
+    "X-Target-Score": {"description": "its softmax probability", "schema": {"type": "number"}},
+    "X-Elapsed-Ms": {"description": "time spent on the request", "schema": {"type": "number"}},
+}
+
+_PROBLEM = {"model": Problem, "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """Documented problem+json error responses."""
+    descriptions = {
+        404: "unknown model (the detail lists the known ones)",
+        406: "no acceptable output format",
+        413: "upload or decoded image too large",
+        415: "not an image of a supported type",
+        422: "invalid parameter, unknown method or layer, target out of range, corrupt image, or too "
+        "heavy for a synchronous request (use /v1/jobs)",
+        503: "overloaded (see Retry-After) or models still loading",
+        504: "deadline exceeded",
+    }
+    out: dict[int | str, dict[str, Any]] = {}
+    for s in statuses:
+        out[s] = {**copy.deepcopy(_PROBLEM), "description": descriptions.get(s, "error")}
+    return out
+
+
+EXPLAIN_EXAMPLE: dict[str, Any] = {
+    "model": "efficientnet_lite0",
+    "method": "gradcam",
+    "parameters": {
+        "method": "gradcam",
+        "target": None,
+        "top_k": 1,
+        "layer": "bn2",
+        "steps": 32,
+        "samples": 16,
+        "noise_level": 0.15,
+        "baseline": "black",
+        "rule": "gausslegendre",
+        "seed": 1234,
+        "batch_size": 32,
+        "resolution": "original",
+        "colormap": "jet",
+        "alpha": 0.5,
+        "reduction": "default",
+        "normalize": "minmax",
+        "format": "json",
+    },
+    "elapsed_ms": 61.2,
+    "explanations": [
+        {
+            "target": {"index": 285, "label": "Egyptian cat", "score": 0.79},
+            "shape": [2, 3],
+            "heatmap": [[0.0, 0.41, 0.2], [0.63, 1.0, 0.37]],
+            "min": 0.0,
+            "max": 3.84,
+            "completeness_delta": None,
+        }
+    ],
+}
+
+
+def explain_responses() -> dict[int | str, dict[str, Any]]:
+    from service.api.schemas import ExplainResponse
+
+    return {
+        200: {
+            "description": "the heatmap: PNG (format png or overlay), JSON or .npy",
+            "model": ExplainResponse,
+            "headers": IMAGE_HEADERS,
+            "content": {
+                "image/png": PNG_DOC,
+                "application/json": {"example": EXPLAIN_EXAMPLE},
+                "application/x-npy": NPY_DOC,
+            },
+        },
+        **problem_responses(404, 406, 413, 415, 422, 503, 504),
+    }
+
+
+def compare_responses() -> dict[int | str, dict[str, Any]]:
+    from service.api.schemas import CompareResponse
+
+    return {
+        200: {
+            "description": "one labelled PNG grid (the input and an overlay per method), or JSON",
+            "model": CompareResponse,
+            "headers": IMAGE_HEADERS,
+            "content": {
+                "image/png": PNG_DOC,
+                "application/json": {
+                    "example": {
+                        "model": "efficientnet_lite0",
+                        "methods": ["gradcam"],
+                        "elapsed_ms": 70.3,
+                        "results": [EXPLAIN_EXAMPLE],
+                    }
+                },
+            },
+        },
+        **problem_responses(404, 406, 413, 415, 422, 503, 504),
+    }
+
+
+def predict_responses() -> dict[int | str, dict[str, Any]]:
+    from service.api.schemas import PredictResponse
+
+    return {
+        200: {
+            "description": "the top-k classes",
+            "model": PredictResponse,
+            "content": {
+                "application/json": {
+                    "example": {
+                        "model": "efficientnet_lite0",
+                        "predictions": [
+                            {"index": 285, "label": "Egyptian cat", "probability": 0.79},
+                            {"index": 281, "label": "tabby", "probability": 0.09},
+                        ],
+                        "elapsed_ms": 12.5,
+                    }
+                }
+            },
+        },
+        **problem_responses(404, 406, 413, 415, 422, 503, 504),
+    }

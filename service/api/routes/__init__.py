@@ -1,0 +1,1 @@
+"""One router per resource: models, methods, explain/predict/compare, jobs, operations."""

@@ -1,0 +1,140 @@
+"""``POST /v1/models/{model}/predict | explain | compare``: the synchronous image routes.
+
+Each route: parse (``params``), decode and preprocess (``pipeline``, off the loop), run on the
+executor, render (``responses``, off the loop). The request body is read by ``parse_request``
+(multipart or JSON); ``openapi_extra`` documents it.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from service.api import pipeline
+from service.api.deps import ModelDep, ServicesDep
+from service.api.openapi import compare_responses, explain_responses, image_request_body, predict_responses
+from service.api.params import (
+    CompareOptions,
+    ExplainOptions,
+    PredictOptions,
+    choose_format,
+    parse_request,
+)
+from service.api.responses import (
+    Prepared,
+    backdrop,
+    explain_body,
+    json_response,
+    overlay_panel,
+    render_explanation,
+    target_headers,
+)
+from service.errors import InvalidParameter
+from service.explainers import Explanation
+from service.imaging.render import compare_grid
+from service.models.registry import LoadedModel
+
+router = APIRouter(prefix="/v1/models/{model}", tags=["explain"])
+
+EXPLAIN_FORMATS = ("png", "overlay", "json", "npy")
+COMPARE_FORMATS = ("png", "json")
+
+
+@router.post(
+    "/predict",
+    summary="Classify an image: the top-k classes and their probabilities",
+    openapi_extra=image_request_body(PredictOptions),
+    responses=predict_responses(),
+    response_class=Response,
+)
+async def predict(request: Request, model: ModelDep, services: ServicesDep) -> Response:
+    settings = services.settings
+    clock = pipeline.Clock(settings.request_timeout_s)
+    parsed = await parse_request(request, PredictOptions, settings)
+    choose_format(None, parsed.accept, ("json",))
+    top_k = parsed.options.top_k
+    if top_k > model.num_classes:
+        raise InvalidParameter(f"top_k must be in [1, {model.num_classes}] (got {top_k})", field="top_k")
+    items = await pipeline.prepare_images(settings, model, parsed.images)
+    probs = (await pipeline.predict(services, model, items, clock))[0]
+    values, indices = probs.topk(top_k)
+    predictions = [
+        {"index": int(i), "label": model.label(int(i)), "probability": round(float(p), 6)}
+        for p, i in zip(values.tolist(), indices.tolist(), strict=True)
+    ]
+    elapsed = round(clock.elapsed_ms, 1)
+    return json_response({"model": model.name, "predictions": predictions, "elapsed_ms": elapsed})
+
+
+@router.post(
+    "/explain",
+    summary="Explain an image: a heatmap of where the model looked",
+    description="The image as a multipart file (`image`) or base64 in a JSON body, plus the "
+    "parameters as form fields or JSON keys. The answer is a PNG heatmap (default), an overlay "
+    "(`format=overlay`), JSON (`format=json` or `Accept: application/json`) or a NumPy `.npy` file. "
+    "Work above the synchronous budget gets 422 pointing to `POST /v1/jobs`.",
+    openapi_extra=image_request_body(ExplainOptions),
+    responses=explain_responses(),
+    response_class=Response,
+)
+async def explain(request: Request, model: ModelDep, services: ServicesDep) -> Response:
+    settings = services.settings
+    clock = pipeline.Clock(settings.request_timeout_s)
+    parsed = await parse_request(request, ExplainOptions, settings)
+    options = parsed.options
+    fmt = choose_format(options.format, parsed.accept, EXPLAIN_FORMATS)
+    if options.reduction == "none" and fmt in ("png", "overlay"):
+        raise InvalidParameter("reduction=none needs format=json or npy", field="reduction")
+    items = await pipeline.prepare_images(settings, model, parsed.images)
+    [expl] = await pipeline.explain(services, model, items, options, [options.method], clock)
+    return await run_in_threadpool(
+        render_explanation, fmt, model, expl, items, options, elapsed_ms=clock.elapsed_ms
+    )
+
+
+@router.post(
+    "/compare",
+    summary="Compare methods side by side: one labelled grid of overlays",
+    description="Runs each method of `methods` (comma-separated) on the image. PNG: the input and "
+    "one overlay per method, each labelled. JSON: the explain JSON of every method.",
+    openapi_extra=image_request_body(CompareOptions),
+    responses=compare_responses(),
+    response_class=Response,
+)
+async def compare(request: Request, model: ModelDep, services: ServicesDep) -> Response:
+    settings = services.settings
+    clock = pipeline.Clock(settings.request_timeout_s)
+    parsed = await parse_request(request, CompareOptions, settings)
+    options = parsed.options
+    fmt = choose_format(options.format, parsed.accept, COMPARE_FORMATS)
+    methods = options.method_list(model.methods())
+    items = await pipeline.prepare_images(settings, model, parsed.images)
+    results = await pipeline.explain(services, model, items, options, methods, clock)
+    return await run_in_threadpool(_render_compare, fmt, model, results, items, options, clock.elapsed_ms)
+
+
+def _render_compare(
+    fmt: str,
+    model: LoadedModel,
+    results: list[Explanation],
+    items: list[Prepared],
+    options: CompareOptions,
+    elapsed_ms: float,
+) -> Response:
+    if fmt == "json":
+        geometries = [it.geometry for it in items]
+        bodies = [
+            explain_body(model, expl, geometries, options, fmt=fmt, elapsed_ms=elapsed_ms) for expl in results
+        ]
+        body = {
+            "model": model.name,
+            "methods": [expl.method for expl in results],
+            "elapsed_ms": round(elapsed_ms, 1),
+            "results": bodies,
+        }
+        return json_response(body, {"X-Elapsed-Ms": f"{elapsed_ms:.1f}"})
+    item = items[0]
+    panels = [(expl.method, overlay_panel(expl, item, options)) for expl in results]
+    png = compare_grid(backdrop(item, options), panels)
+    return Response(png, media_type="image/png", headers=target_headers(model, results[0], 0, elapsed_ms))

@@ -1,0 +1,403 @@
+"""``/v1/jobs``: heavy explanations (many images, steps or samples) as jobs to poll.
+
+``POST`` validates everything a job can be refused for (model, method, parameters, every image)
+before it is queued, so a job fails later only for the server's own reasons. Results render like
+synchronous explanations (``service.api.responses``): JSON by default, with one entry per image
+and target in upload order, each carrying its ``image_index``; PNG, overlay or npy of image
+``index``. Rendering options given at submission are the defaults of the result; the query string
+of ``GET …/result`` may override them.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from functools import cache
+from typing import Annotated, Any, Literal
+
+import torch
+from fastapi import APIRouter, Depends, Query, Request
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import JSONResponse, Response
+
+from service.api import pipeline
+from service.api.deps import ServicesDep
+from service.api.openapi import image_request_body
+from service.api.params import (
+    ExplainOptions,
+    Format,
+    choose_format,
+    engine_params,
+    parse_request,
+    resolve_targets,
+)
+from service.api.problems import STATUS, TYPE_PREFIX
+from service.api.responses import Prepared, render_explanation
+from service.api.schemas import Problem
+from service.config import Settings
+from service.errors import InvalidParameter, NotReady, SaliencyError
+from service.imaging.decode import decode_image
+from service.imaging.geometry import Geometry
+from service.models.registry import LoadedModel
+from service.runtime.jobs import JobService, retry_after
+from service.runtime.jobstore import JobRecord, error_class
+from service.runtime.results import JobResult
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+RESULT_FORMATS = ("json", "png", "overlay", "npy")
+
+
+# ------------------------------------------------------------------------------------------------
+# schemas
+# ------------------------------------------------------------------------------------------------
+class JobOptions(ExplainOptions):
+    """Parameters of ``POST /v1/jobs``: the model and the explain parameters."""
+
+    model: str = Field(description="the model's name (see GET /v1/models)")
+
+
+class JobError(BaseModel):
+    """Why a job failed: a problem object (RFC 9457), never internals."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str = Field(examples=["urn:saliency:problem:worker-lost"])
+    title: str
+    status: int
+    detail: str
+
+
+class Job(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    progress: float = Field(ge=0.0, le=1.0, description="fraction of the forward/backward passes done")
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    error: JobError | None = Field(description="the problem, when the job failed")
+    result_url: str | None = Field(description="where the result is, once the job succeeded")
+    model: str
+    method: str
+    images: int = Field(description="how many images the job explains")
+
+
+def _time(ts: float | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC)
+
+
+def _status_of(code: str) -> int:
+    for cls in error_class(code).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500
+
+
+def job_error(error: dict[str, Any] | None) -> JobError | None:
+    if error is None:
+        return None
+    code = str(error.get("code", "internal-error"))
+    return JobError(
+        type=TYPE_PREFIX + code,
+        title=str(error.get("title", "Job failed")),
+        status=_status_of(code),
+        detail=str(error.get("detail", "the job failed")),
+    )
+
+
+def job_view(record: JobRecord) -> Job:
+    return Job(
+        id=record.id,
+        status=record.status,
+        progress=round(min(1.0, max(0.0, record.progress)), 4),
+        created_at=_time(record.created_at) or datetime.now(UTC),
+        started_at=_time(record.started_at),
+        finished_at=_time(record.finished_at),
+        error=job_error(record.error),
+        result_url=f"/v1/jobs/{record.id}/result" if record.status == "succeeded" else None,
+        model=record.spec.model,
+        method=record.spec.method,
+        images=record.spec.images,
+    )
+
+
+def _job_response(
+    record: JobRecord, status_code: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    out = dict(headers or {})
+    wait = retry_after(record)
+    if wait is not None:
+        out["Retry-After"] = str(wait)
+    return JSONResponse(job_view(record).model_dump(mode="json"), status_code=status_code, headers=out)
+
+
+# ------------------------------------------------------------------------------------------------
+# dependencies and documentation
+# ------------------------------------------------------------------------------------------------
+def get_jobs(services: ServicesDep) -> JobService:
+    services.require_registry()  # NotReady while the models load
+    jobs: JobService | None = services.jobs
+    if jobs is None:
+        raise NotReady("the job service is starting; retry shortly")
+    return jobs
+
+
+JobsDep = Annotated[JobService, Depends(get_jobs)]
+
+_PROBLEM_DOC = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+
+
+def _problems(**described: str) -> dict[int | str, dict[str, Any]]:
+    return {
+        int(code[1:]): {"model": Problem, "description": text, "content": _PROBLEM_DOC}
+        for code, text in described.items()
+    }
+
+
+_RETRY_AFTER = {
+    "Retry-After": {"description": "seconds to wait before polling again", "schema": {"type": "integer"}}
+}
+_NOT_FOUND = "no job with this id"
+_GONE = "the job finished longer ago than the retention time; its result is gone"
+
+JOB_EXAMPLE: dict[str, Any] = {
+    "id": "3f0c9a6e1b7d4c2a9e8f5d4c3b2a1908",
+    "status": "running",
+    "progress": 0.42,
+    "created_at": "2025-01-01T12:00:00Z",
+    "started_at": "2025-01-01T12:00:01Z",
+    "finished_at": None,
+    "error": None,
+    "result_url": None,
+    "model": "efficientnet_lite0",
+    "method": "integrated_gradients",
+    "images": 12,
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# routes
+# ------------------------------------------------------------------------------------------------
+@router.post(
+    "",
+    status_code=202,
+    summary="Submit a job: explain one or more images with heavy settings",
+    description="The images (`images`, one or more: a repeated multipart file field or a base64 list "
+    "in JSON), the `model` and the explain parameters. Answers 202 with the job and its "
+    "`Location`; poll it, then fetch `result_url`. A full queue answers 503 with `Retry-After`.",
+    openapi_extra=image_request_body(JobOptions, image_field="images", many=True),
+    responses={
+        202: {
+            "description": "queued",
+            "model": Job,
+            "headers": {
+                "Location": {"description": "the job's URL", "schema": {"type": "string"}},
+                **_RETRY_AFTER,
+            },
+            "content": {
+                "application/json": {"example": {**JOB_EXAMPLE, "status": "queued", "progress": 0.0}}
+            },
+        },
+        **_problems(
+            _404="unknown model",
+            _413="an upload or decoded image too large",
+            _415="not an image of a supported type",
+            _422="invalid parameter, unknown method or layer, target out of range, corrupt image, or "
+            "more images than a job takes",
+            _503="the job queue is full (see Retry-After), or the service is starting",
+        ),
+    },
+    response_class=Response,
+)
+async def submit_job(request: Request, services: ServicesDep, jobs: JobsDep) -> Response:
+    settings = services.settings
+    parsed = await parse_request(
+        request, JobOptions, settings, image_field="images", many=True, max_images=settings.job_max_images
+    )
+    options = parsed.options
+    model = services.require_registry().get(options.model)
+    pipeline.check_method(model, options.method)
+    if options.format is not None:
+        choose_format(options.format, None, RESULT_FORMATS)
+    params = engine_params(options, settings)
+    targets, top_k = resolve_targets(options, model.num_classes)
+    await run_in_threadpool(_check_images, settings, model, parsed.images)
+    record = await jobs.submit(
+        model,
+        options.method,
+        params,
+        targets=targets,
+        top_k=top_k,
+        images=parsed.images,
+        keep_attributions=options.reduction == "none",
+        options=options.model_dump(mode="json", exclude={"model"}),
+    )
+    return _job_response(record, 202, {"Location": f"/v1/jobs/{record.id}"})
+
+
+@router.get(
+    "/{job_id}",
+    summary="A job's status and progress",
+    response_model=Job,
+    responses={
+        200: {
+            "description": "the job (with Retry-After while it is queued or running)",
+            "headers": _RETRY_AFTER,
+            "content": {"application/json": {"example": JOB_EXAMPLE}},
+        },
+        **_problems(_404=_NOT_FOUND, _410=_GONE),
+    },
+    response_class=Response,
+)
+async def get_job(job_id: str, jobs: JobsDep) -> Response:
+    return _job_response(await jobs.get(job_id))
+
+
+@router.delete(
+    "/{job_id}",
+    summary="Cancel a job: a queued one never starts, a running one stops at its next chunk",
+    response_model=Job,
+    responses={
+        200: {"description": "the job after cancelling (a finished job is unchanged)"},
+        **_problems(_404=_NOT_FOUND, _410=_GONE),
+    },
+    response_class=Response,
+)
+async def cancel_job(job_id: str, jobs: JobsDep) -> Response:
+    return _job_response(await jobs.cancel(job_id))
+
+
+@router.get(
+    "/{job_id}/result",
+    summary="A finished job's explanations: JSON (default), or PNG/overlay/npy of one image",
+    description="JSON: the explain JSON with one entry per image and target, in upload order, each "
+    "with its `image_index`. `format=png|overlay|npy` with `index=i` for image i. Rendering "
+    "options given here override those given at submission.",
+    responses={
+        200: {
+            "description": "the result",
+            "content": {
+                "application/json": {},
+                "image/png": {"schema": {"type": "string", "format": "binary"}},
+                "application/x-npy": {"schema": {"type": "string", "format": "binary"}},
+            },
+        },
+        **_problems(
+            _404=_NOT_FOUND,
+            _406="no acceptable output format",
+            _409="the job has not succeeded (yet): see its status",
+            _410=_GONE,
+            _422="invalid index or rendering option",
+        ),
+    },
+    response_class=Response,
+)
+async def job_result(
+    job_id: str,
+    request: Request,
+    services: ServicesDep,
+    jobs: JobsDep,
+    format: Annotated[Format | None, Query(description="json (default), png, overlay or npy")] = None,
+    index: Annotated[int, Query(ge=0, description="the image shown by png, overlay and npy")] = 0,
+    resolution: Annotated[Literal["original", "model"] | None, Query()] = None,
+    colormap: Annotated[str | None, Query()] = None,
+    alpha: Annotated[float | None, Query(ge=0.0, le=1.0)] = None,
+    reduction: Annotated[Literal["default", "none"] | None, Query()] = None,
+    normalize: Annotated[Literal["minmax", "none"] | None, Query()] = None,
+) -> Response:
+    record, result = await jobs.result(job_id)
+    overrides = {
+        k: v
+        for k, v in {
+            "resolution": resolution,
+            "colormap": colormap,
+            "alpha": alpha,
+            "reduction": reduction,
+            "normalize": normalize,
+        }.items()
+        if v is not None
+    }
+    options = JobOptions.model_validate({**record.spec.options, "model": record.spec.model, **overrides})
+    fmt = choose_format(format or options.format, request.headers.get("accept"), RESULT_FORMATS)
+    if (
+        options.reduction == "none"
+        and result.explanation.attributions is None
+        and not record.spec.keep_attributions
+    ):
+        raise InvalidParameter(
+            "this job kept no per-channel attributions; submit it with reduction=none to get them",
+            field="reduction",
+        )
+    model = services.require_registry().get(record.spec.model)
+    image = None
+    if fmt == "overlay":
+        if not 0 <= index < record.spec.images:
+            raise InvalidParameter(f"index must be in [0, {record.spec.images})", field="index")
+        image = await jobs.image(job_id, index)
+    return await run_in_threadpool(_render, services.settings, fmt, model, result, options, index, image)
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers (run in a worker thread)
+# ------------------------------------------------------------------------------------------------
+def _check_images(settings: Settings, model: LoadedModel, images: list[bytes]) -> None:
+    """Decode and preprocess every upload now, so a bad one is refused before the job is queued."""
+    for i, data in enumerate(images):
+        try:
+            image = decode_image(
+                data,
+                max_bytes=settings.max_upload_bytes,
+                max_pixels=settings.max_image_pixels,
+                min_size=settings.min_image_size,
+                background=settings.overlay_background,
+            )
+            model.preprocess(image)
+        except SaliencyError as exc:
+            exc.message = f"images[{i}]: {exc.message}"
+            exc.field = f"images.{i}"
+            raise
+
+
+@cache
+def _placeholder() -> Image.Image:
+    """Stands in for an upload that is not drawn: JSON, npy and PNG heatmaps need only its geometry."""
+    return Image.new("RGB", (1, 1))
+
+
+def _render(
+    settings: Settings,
+    fmt: str,
+    model: LoadedModel,
+    result: JobResult,
+    options: JobOptions,
+    index: int,
+    image_bytes: bytes | None,
+) -> Response:
+    empty = torch.empty(0)
+
+    def item(i: int, geometry: Geometry) -> Prepared:
+        image = _placeholder()
+        if image_bytes is not None and i == index:
+            image = decode_image(
+                image_bytes,
+                max_bytes=settings.max_upload_bytes,
+                max_pixels=settings.max_image_pixels,
+                min_size=settings.min_image_size,
+                background=settings.overlay_background,
+            )
+        return Prepared(image=image, x=empty, geometry=geometry)
+
+    items = [item(i, g) for i, g in enumerate(result.geometries)]
+    return render_explanation(
+        fmt,
+        model,
+        result.explanation,
+        items,
+        options,
+        elapsed_ms=result.elapsed_ms,
+        index=index,
+        image_indices=True,
+    )

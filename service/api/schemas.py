@@ -1,0 +1,105 @@
+"""Response bodies of the API contract (shared/API.md), as pydantic models for the OpenAPI file."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelInfo(Schema):
+    name: str
+    source: Literal["builtin", "torchvision", "timm", "torchscript"]
+    architecture: str
+    num_classes: int
+    input_size: list[int] = Field(description="[C, H, W]")
+    device: str = Field(examples=["cpu", "cuda:0"])
+    target_layer: str | None = Field(description="dotted module name CAM methods use by default")
+    methods: list[str] = Field(description="names of the methods that work on this model")
+    ready: bool
+
+
+class ModelList(Schema):
+    models: list[ModelInfo]
+
+
+class MethodInfo(Schema):
+    name: str
+    family: Literal["cam", "gradient", "path", "perturbation"]
+    description: str
+    paper: str = Field(description="URL of the paper")
+    parameters: dict[str, Any] = Field(description="JSON Schema of the method's parameters")
+
+
+class MethodList(Schema):
+    methods: list[MethodInfo]
+
+
+class Prediction(Schema):
+    index: int
+    label: str
+    probability: float
+
+
+class PredictResponse(Schema):
+    model: str
+    predictions: list[Prediction]
+    elapsed_ms: float
+
+
+class Target(Schema):
+    index: int
+    label: str
+    score: float = Field(description="softmax probability of the class")
+
+
+class ExplanationItem(Schema):
+    image_index: int | None = Field(None, description="jobs only: the image's position in the upload")
+    target: Target
+    shape: list[int] = Field(description="[H, W], or [C, H, W] with reduction=none")
+    heatmap: list[Any] = Field(description="nested lists of floats, shaped as `shape`")
+    min: float = Field(description="smallest raw value of the map")
+    max: float = Field(description="largest raw value of the map")
+    completeness_delta: float | None = Field(
+        description="path methods: sum of attributions − (f(x) − f(baseline))"
+    )
+
+
+class ExplainResponse(Schema):
+    model: str
+    method: str
+    parameters: dict[str, Any] = Field(description="every parameter as resolved, defaults included")
+    elapsed_ms: float
+    explanations: list[ExplanationItem]
+
+
+class CompareResponse(Schema):
+    model: str
+    methods: list[str]
+    elapsed_ms: float
+    results: list[ExplainResponse] = Field(description="the explain JSON of each method, in order")
+
+
+class Problem(Schema):
+    """RFC 9457 problem details."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(examples=["urn:saliency:problem:unknown-model"])
+    title: str
+    status: int
+    detail: str
+    instance: str
+    errors: list[dict[str, Any]] | None = Field(
+        None, description="on 422: one {field, message} per invalid field"
+    )
+
+
+class Health(Schema):
+    status: Literal["ok", "loading", "failed"]
+    detail: str | None = None
+    models: dict[str, bool] = Field(default_factory=dict, description="model name → ready")

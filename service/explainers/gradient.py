@@ -1,0 +1,180 @@
+"""The gradient family: attributions made from one input gradient per (image, target) pair.
+
+Every method here runs one forward and one backward per chunk of ``batch_size`` pairs through
+``RunContext.input_gradients`` (only the input requires grad: no parameter gradient is computed),
+turns the gradient into a per-channel attribution at input resolution, and reduces it over
+channels to a map. ``PixelMethod`` is the shared base, also used by the path and noise families.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from service.errors import MethodNotApplicable
+from service.explainers.base import Attribution, ExplainParams, Method, ModelHandle, RunContext, register
+from service.explainers.cam import GradCam, layer_gradients
+from service.explainers.rectifiers import RectifierRule, backward_rule, has_scripted_parts
+
+Reduction = Literal["max", "sum"]
+
+
+class PixelMethod(Method):
+    """A method whose raw result is a per-channel attribution (M, C, H, W) at input resolution.
+
+    ``reduction`` turns it into the (M, H, W) map: ``"max"`` over channels (unsigned magnitudes)
+    or ``"sum"`` over channels (signed contributions, which add up across channels).
+    """
+
+    reduction: ClassVar[Reduction] = "sum"
+
+    @abstractmethod
+    def pixel_attributions(self, ctx: RunContext, x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Float32 attributions shaped like ``x`` and, for path methods, the (M,) completeness delta."""
+
+    def to_map(self, attributions: Tensor) -> Tensor:
+        if self.reduction == "max":
+            return attributions.amax(dim=1)
+        return attributions.sum(dim=1)
+
+    def attribute(self, ctx: RunContext, x: Tensor, targets: Tensor) -> Attribution:
+        attributions, delta = self.pixel_attributions(ctx, x, targets)
+        return Attribution(maps=self.to_map(attributions), attributions=attributions, delta=delta)
+
+
+class InputGradientMethod(PixelMethod):
+    """Shared engine: ∂y_c/∂x per chunk (under ``rectifier``'s backward rule), then ``combine``."""
+
+    family = "gradient"
+    rectifier: ClassVar[RectifierRule | None] = None
+
+    def check(self, handle: ModelHandle, params: ExplainParams) -> None:
+        if self.rectifier is not None and has_scripted_parts(handle.module):
+            raise MethodNotApplicable(
+                f"{self.name} rewrites the backward pass of ReLUs, which TorchScript code hides; "
+                "use saliency or integrated_gradients for this model"
+            )
+
+    def pixel_attributions(self, ctx: RunContext, x: Tensor, targets: Tensor) -> tuple[Tensor, None]:
+        out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        for sl in ctx.chunks(x.shape[0]):
+            with backward_rule(self.rectifier):
+                grad, _ = ctx.input_gradients(x[sl], targets[sl])
+            out[sl] = self.combine(x[sl], grad)
+            ctx.advance(sl.stop - sl.start)
+        return out, None
+
+    def combine(self, x: Tensor, grad: Tensor) -> Tensor:
+        """Per-channel attribution from the input and its (rule-modified) gradient."""
+        return grad
+
+
+@register
+class Saliency(InputGradientMethod):
+    """Saliency maps (Simonyan et al., ICLR 2014 workshop, https://arxiv.org/abs/1312.6034).
+
+    Attribution = |∂y_c/∂x| per channel (as Captum's ``Saliency(abs=True)``); map = its maximum
+    over channels, as in the paper. y_c is the pre-softmax logit. Unsigned.
+    """
+
+    name = "saliency"
+    description = "Magnitude of the target logit's gradient with respect to each pixel."
+    paper = "https://arxiv.org/abs/1312.6034"
+    reduction = "max"
+
+    def combine(self, x: Tensor, grad: Tensor) -> Tensor:
+        return grad.abs()
+
+
+@register
+class InputXGradient(InputGradientMethod):
+    """Input × gradient (Shrikumar et al. 2016, https://arxiv.org/abs/1605.01713).
+
+    Attribution = x ⊙ ∂y_c/∂x (signed, x in the model's normalised input space, as in Captum's
+    ``InputXGradient``); map = sum over channels.
+    """
+
+    name = "input_x_gradient"
+    description = "Input times the target logit's gradient: each pixel's first-order contribution."
+    paper = "https://arxiv.org/abs/1605.01713"
+    signed = True
+
+    def combine(self, x: Tensor, grad: Tensor) -> Tensor:
+        return x * grad
+
+
+@register
+class GuidedBackprop(InputGradientMethod):
+    """Guided Backpropagation (Springenberg et al., https://arxiv.org/abs/1412.6806).
+
+    The input gradient with every rectifier's backward replaced by max(∂out, 0)·[x > 0]
+    (ReLU6: also [x < 6]); see ``service.explainers.rectifiers`` for which calls are rectified and
+    for the rule at smooth activations (plain gradient). Unlike Captum, functional ReLUs and ReLU6
+    are rectified too. Attribution signed; map = sum over channels.
+    """
+
+    name = "guided_backprop"
+    description = "Gradient with only positive signals passed back through each ReLU."
+    paper = "https://arxiv.org/abs/1412.6806"
+    signed = True
+    rectifier = "guided"
+
+
+@register
+class Deconvnet(InputGradientMethod):
+    """Deconvnet (Zeiler & Fergus, https://arxiv.org/abs/1311.2901), as a backward rule.
+
+    Every rectifier passes back max(∂out, 0), ignoring its forward mask (ReLU6: the upper clip is
+    ignored too); the rest of the network backpropagates normally, as in Springenberg et al.'s
+    formulation and Captum's ``Deconvolution``. Attribution signed; map = sum over channels.
+    """
+
+    name = "deconvnet"
+    description = "Deconvolution: rectified gradients passed back through each ReLU, ignoring its input."
+    paper = "https://arxiv.org/abs/1311.2901"
+    signed = True
+    rectifier = "deconvnet"
+
+
+@register
+class GuidedGradCam(PixelMethod):
+    """Guided Grad-CAM (Selvaraju et al., ICCV 2017, https://arxiv.org/abs/1610.02391).
+
+    Guided Backprop ⊙ the Grad-CAM map upsampled **bilinearly** to the input, as in the paper
+    (Captum's ``GuidedGradCam`` upsamples by nearest neighbour by default). Two passes per pair:
+    one guided input gradient, one plain gradient down to the target layer. Attribution signed
+    (per channel); map = sum over channels.
+    """
+
+    name = "guided_gradcam"
+    family = "gradient"
+    description = "Guided Backprop masked by the bilinearly upsampled Grad-CAM map."
+    paper = "https://arxiv.org/abs/1610.02391"
+    signed = True
+    needs_layer = True
+    uses: ClassVar[frozenset[str]] = frozenset({"layer", "batch_size", "autocast"})
+
+    _gradcam: ClassVar[GradCam] = GradCam()
+    _guided: ClassVar[GuidedBackprop] = GuidedBackprop()
+
+    def check(self, handle: ModelHandle, params: ExplainParams) -> None:
+        self._guided.check(handle, params)
+
+    def passes(self, params: ExplainParams) -> int:
+        return 2
+
+    def pixel_attributions(self, ctx: RunContext, x: Tensor, targets: Tensor) -> tuple[Tensor, None]:
+        out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        for sl in ctx.chunks(x.shape[0]):
+            with backward_rule("guided"):
+                guided, _ = ctx.input_gradients(x[sl], targets[sl])
+            act, grad = layer_gradients(ctx, x[sl], targets[sl])
+            cam = self._gradcam.combine(act, grad)
+            up = F.interpolate(cam.unsqueeze(1), size=x.shape[-2:], mode="bilinear", align_corners=False)
+            out[sl] = guided * up
+            ctx.advance(2 * (sl.stop - sl.start))
+        return out, None

@@ -1,0 +1,202 @@
+"""Integrated Gradients: the path family.
+
+IG (Sundararajan et al., ICML 2017, https://arxiv.org/abs/1703.01365) attributes
+f(x) − f(x') along the straight path from a baseline x' to the input x:
+
+    IG_i(x) = (x_i − x'_i) · ∫₀¹ ∂f(x' + α(x − x'))/∂x_i dα  ≈  (x_i − x'_i) · Σ_k w_k ∂f(x' + α_k(x − x'))/∂x_i
+
+with f the target's pre-softmax logit and (α_k, w_k) the nodes and weights of an integration rule
+on [0, 1] whose weights sum to 1. The steps × pairs passes run in chunks of ``batch_size``: each
+chunk's scaled inputs are made on the fly (never all steps at once) and its gradients are summed
+into a float32 accumulator per pair. Every result carries the completeness delta
+Σ_i IG_i − (f(x) − f(x')) per pair; the two endpoint forwards that it needs count as two passes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numpy.polynomial.legendre import leggauss
+from numpy.typing import NDArray
+from torch import Tensor
+
+from service.errors import InvalidParameter
+from service.explainers.base import ExplainParams, ModelHandle, RunContext, register
+from service.explainers.gradient import PixelMethod
+
+# ------------------------------------------------------------------------------------------------
+# integration rules
+# ------------------------------------------------------------------------------------------------
+Nodes = tuple[NDArray[np.float64], NDArray[np.float64]]
+
+
+def integration_rule(rule: str, steps: int) -> Nodes:
+    """Nodes α_k in [0, 1] and weights w_k (summing to 1) of ``rule`` with ``steps`` points.
+
+    - ``gausslegendre``: Gauss–Legendre nodes/weights (``numpy.polynomial.legendre.leggauss``)
+      mapped from [−1, 1] to [0, 1]; exact for polynomial integrands of degree ≤ 2·steps − 1.
+    - ``riemann_left`` / ``riemann_right`` / ``riemann_middle``: α_k = k/n, (k+1)/n, (k+½)/n, w = 1/n.
+    - ``riemann_trapezoid``: α_k = k/(n−1) (both ends included), w = h·[½, 1, …, 1, ½] with
+      h = 1/(n−1), so the weights sum to 1. (Captum uses w = [1/(2n), 1/n, …, 1/n, 1/(2n)], which
+      sum to (n−1)/n: its trapezoid attributions are ours × (n−1)/n.) Needs steps ≥ 2.
+    """
+    n = steps
+    if n < 1:
+        raise InvalidParameter("steps must be ≥ 1", field="steps")
+    k = np.arange(n, dtype=np.float64)
+    uniform = np.full(n, 1.0 / n)
+    if rule == "gausslegendre":
+        nodes, weights = leggauss(n)
+        return 0.5 * (nodes + 1.0), 0.5 * weights
+    if rule == "riemann_left":
+        return k / n, uniform
+    if rule == "riemann_right":
+        return (k + 1.0) / n, uniform
+    if rule == "riemann_middle":
+        return (k + 0.5) / n, uniform
+    if rule == "riemann_trapezoid":
+        if n < 2:
+            raise InvalidParameter("riemann_trapezoid needs steps ≥ 2", field="steps")
+        h = 1.0 / (n - 1)
+        weights = np.full(n, h)
+        weights[0] = weights[-1] = h / 2
+        return k * h, weights
+    raise InvalidParameter(f"unknown integration rule {rule!r}", field="rule")
+
+
+# ------------------------------------------------------------------------------------------------
+# baselines
+# ------------------------------------------------------------------------------------------------
+BLUR_SIGMA_FRACTION = 1 / 20
+"""σ of the ``blur`` baseline as a fraction of the image's longer side: ≈ 11 px at 224 px, close to
+the σ = 10 px of Fong & Vedaldi's blur perturbation (ICCV 2017) used by Sturmfels et al.'s baseline
+study (Distill 2020), and scale-free so a 64 px and a 512 px image are blurred alike."""
+
+_UNIFORM_STREAM = 0x5F3759DF  # separates the uniform baseline's stream from SmoothGrad's noise
+
+
+def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian blur of (M, C, H, W) with radius ⌈3σ⌉ and edge replication.
+
+    The kernel sums to 1 and the padding replicates edges, so blurring commutes with the per-channel
+    affine normalisation: blurring normalised values equals normalising the blurred pixels.
+    """
+    if sigma <= 0:
+        return x.clone()
+    radius = max(1, math.ceil(3 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32, device=x.device)
+    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    c = x.shape[1]
+    out = F.pad(x, (radius, radius, 0, 0), mode="replicate")
+    out = F.conv2d(out, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    out = F.pad(out, (0, 0, radius, radius), mode="replicate")
+    return F.conv2d(out, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def uniform_generator(seed: int) -> torch.Generator:
+    """The ``uniform`` baseline's generator: seeded from the call's seed, on a stream of its own.
+
+    ``RunContext.generator`` seeds with the call's seed as is, and SmoothGrad's noise draws from it;
+    a uniform baseline drawn from the same stream would be a function of Smooth IG's first noise
+    sample. Mixing a constant into the seed keeps the two independent, still reproducible.
+    """
+    g = torch.Generator(device="cpu")
+    g.manual_seed((seed ^ _UNIFORM_STREAM) % 2**63)
+    return g
+
+
+def make_baseline(name: str, x: Tensor, handle: ModelHandle, seed: int) -> Tensor:
+    """The baseline x' for each row of ``x`` (M, C, H, W, normalised space), float32.
+
+    - ``black`` / ``white``: pixel intensity 0 / 1 in every channel, normalised (``pixel_bounds``).
+    - ``mean``: zero in normalised space (the dataset mean colour).
+    - ``blur``: the input blurred with σ = ``BLUR_SIGMA_FRACTION`` × its longer side.
+    - ``uniform``: U[0, 1] noise in pixel space, normalised; one draw of shape (C, H, W) from
+      ``uniform_generator(seed)`` shared by every row (as if each image drew from a fresh
+      generator), so a row's baseline does not depend on its batch.
+    """
+    m, c, h, w = x.shape
+    x = x.float()
+    if name == "mean":
+        return torch.zeros_like(x)
+    if name == "blur":
+        return gaussian_blur(x, BLUR_SIGMA_FRACTION * max(h, w))
+    lo, hi = handle.pixel_bounds(c)
+    lo, hi = lo.to(x.device), hi.to(x.device)
+    if name == "black":
+        return lo.expand(m, c, h, w).clone()
+    if name == "white":
+        return hi.expand(m, c, h, w).clone()
+    if name == "uniform":
+        u = torch.rand((c, h, w), generator=uniform_generator(seed)).to(x.device)
+        return (lo + u * (hi - lo)).expand(m, c, h, w).clone()
+    raise InvalidParameter(f"unknown baseline {name!r}", field="baseline")
+
+
+# ------------------------------------------------------------------------------------------------
+# the method
+# ------------------------------------------------------------------------------------------------
+@register
+class IntegratedGradients(PixelMethod):
+    """Integrated Gradients (Sundararajan et al., ICML 2017, https://arxiv.org/abs/1703.01365).
+
+    Attribution = (x − x') ⊙ Σ_k w_k ∇f(x' + α_k(x − x')) per channel (signed; map = sum over
+    channels, so the map's total is Σ IG = f(x) − f(x') + delta). Baselines: see ``make_baseline``;
+    rules: see ``integration_rule`` (the trapezoid weights sum to 1, unlike Captum's). Passes per
+    pair: ``steps`` forward+backward passes plus the 2 endpoint forwards of the delta.
+    """
+
+    name = "integrated_gradients"
+    family = "path"
+    description = "Gradients integrated along the straight path from a baseline image to the input."
+    paper = "https://arxiv.org/abs/1703.01365"
+    signed = True
+    uses: ClassVar[frozenset[str]] = frozenset({"steps", "baseline", "rule", "seed", "batch_size", "autocast"})
+
+    def check(self, handle: ModelHandle, params: ExplainParams) -> None:
+        integration_rule(params.rule, params.steps)
+
+    def passes(self, params: ExplainParams) -> int:
+        return params.steps + 2
+
+    def pixel_attributions(self, ctx: RunContext, x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        x = x.float()
+        nodes, weights = integration_rule(ctx.params.rule, ctx.params.steps)
+        steps = len(nodes)
+        alpha = torch.tensor(nodes, dtype=torch.float32, device=x.device)
+        weight = torch.tensor(weights, dtype=torch.float32, device=x.device)
+        baseline = make_baseline(ctx.params.baseline, x, ctx.handle, ctx.seed)
+        diff = x - baseline
+
+        total = torch.zeros_like(x)  # Σ_k w_k ∇f at the scaled inputs, per pair
+        for sl in ctx.chunks(x.shape[0] * steps):
+            flat = torch.arange(sl.start, sl.stop, device=x.device)
+            pair, step = flat // steps, flat % steps
+            a = alpha[step].view(-1, 1, 1, 1)
+            grad, _ = ctx.input_gradients(baseline[pair] + a * diff[pair], targets[pair])
+            total.index_add_(0, pair, grad * weight[step].view(-1, 1, 1, 1))
+            ctx.advance(sl.stop - sl.start)
+
+        attributions = diff * total
+        f_x, f_base = endpoint_logits(ctx, x, baseline, targets)
+        delta = attributions.sum(dim=(1, 2, 3)) - (f_x - f_base)
+        return attributions, delta
+
+
+def endpoint_logits(ctx: RunContext, x: Tensor, baseline: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """f(x) and f(x') of each pair's target, float32: forwards only, in chunks of ``batch_size``."""
+    m = x.shape[0]
+    both = torch.empty(2 * m, dtype=torch.float32, device=x.device)
+    with torch.no_grad():
+        for sl in ctx.chunks(2 * m):
+            parts = [x[sl.start : min(sl.stop, m)], baseline[max(sl.start, m) - m : max(sl.stop - m, 0)]]
+            rows = torch.arange(sl.start, sl.stop, device=x.device) % m
+            logits = ctx.forward(torch.cat([p for p in parts if p.shape[0] > 0]))
+            both[sl] = logits.gather(1, targets[rows].view(-1, 1)).squeeze(1)
+            ctx.advance(sl.stop - sl.start)
+    return both[:m], both[m:]

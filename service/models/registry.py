@@ -1,0 +1,432 @@
+"""The model registry: every configured model, loaded once at start-up, resident on its device.
+
+A ``LoadedModel`` carries its metadata with it (labels, preprocessing, the CAM target layer) and
+the engine's ``ModelHandle``. Lookups explain themselves: an unknown name lists the known ones.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from service.config import Settings
+from service.errors import (
+    ConfigError,
+    MethodNotApplicable,
+    ModelLoadError,
+    SaliencyError,
+    TargetOutOfRange,
+    UnknownLayer,
+    UnknownModel,
+)
+from service.explainers import ExplainParams, Method, ModelHandle, all_methods, explain
+from service.explainers.layers import find_target_layer, layer_names
+from service.imaging.geometry import Geometry, preprocess
+from service.models.loaders import (
+    BUILTIN_MEAN,
+    BUILTIN_STD,
+    IMAGENET_CLASSES,
+    build_module,
+    get_builtin,
+    read_labels,
+)
+from service.models.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, check_unique, load_config
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "efficientnet_lite0"
+
+# methods that rewrite the backward pass of ReLUs with module hooks (not only the CAM family,
+# which hooks its target layer); a module that refuses hooks (TorchScript) cannot run them
+_HOOK_METHODS = frozenset({"guided_backprop", "deconvnet", "guided_gradcam"})
+
+# warm-up: a cheap member of each method family and of each distinct code path (gradient CAM,
+# gradient-free CAM, input gradients, rectified backward, path integral, noise wrapper), tiny
+# settings; Score-CAM is left out (one forward per channel: a minute on a CPU for 1280 channels)
+WARMUP_PREFERENCE: tuple[str, ...] = (
+    "gradcam",
+    "eigencam",
+    "saliency",
+    "guided_backprop",
+    "integrated_gradients",
+    "smoothgrad",
+)
+WARMUP_PARAMS = ExplainParams(steps=2, samples=2, seed=0)
+
+
+def resolve_device(setting: str) -> torch.device:
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` (the current CUDA device) or ``cuda:N``."""
+    v = setting.strip().lower()
+    if v == "auto":
+        v = "cuda" if torch.cuda.is_available() else "cpu"
+    if v == "cpu":
+        return torch.device("cpu")
+    if v == "cuda" or (v.startswith("cuda:") and v[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {setting!r} was requested but CUDA is not available")
+        index = torch.cuda.current_device() if v == "cuda" else int(v[5:])
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device {setting!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+        return torch.device("cuda", index)
+    raise ConfigError(f"device must be auto, cpu, cuda or cuda:N (got {setting!r})")
+
+
+# ------------------------------------------------------------------------------------------------
+# one model
+# ------------------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class LoadedModel:
+    """A resident model with everything needed to feed, explain and describe it."""
+
+    spec: ModelSpec
+    name: str
+    source: str
+    architecture: str
+    num_classes: int
+    input_size: tuple[int, int, int]  # C, H, W
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    resize: Literal["stretch", "center_crop"]
+    labels: list[str]
+    handle: ModelHandle
+    device: torch.device
+    ready: bool = False
+    failed_methods: dict[str, str] = field(default_factory=dict)  # name → why (from warm-up)
+    _methods: list[str] | None = field(default=None, repr=False)
+
+    @property
+    def module(self) -> nn.Module:
+        return self.handle.module
+
+    @property
+    def target_layer(self) -> str | None:
+        return self.handle.target_layer
+
+    def label(self, index: int) -> str:
+        """The label of class ``index``; ``TargetOutOfRange`` outside ``[0, num_classes)``."""
+        if not 0 <= index < self.num_classes:
+            raise TargetOutOfRange(f"class {index} is outside [0, {self.num_classes})", field="target")
+        return self.labels[index]
+
+    def methods(self) -> list[str]:
+        """Names of the registered methods that work on this model, in registry order."""
+        if self._methods is None:
+            self._methods = [m.name for m in all_methods() if self._applicable(m)]
+        return [name for name in self._methods if name not in self.failed_methods]
+
+    def _applicable(self, method: Method) -> bool:
+        hooks_ok = supports_hooks(self.handle.module)
+        needs_hooks = bool(getattr(method, "needs_hooks", method.needs_layer or method.name in _HOOK_METHODS))
+        if needs_hooks and not hooks_ok:
+            return False
+        if method.needs_layer and self.handle.target_layer is None:
+            return False
+        if method.name == "cam":
+            supports_cam = _supports_cam()
+            if supports_cam is not None and not supports_cam(self.handle):
+                return False
+        try:
+            method.check(self.handle, ExplainParams(layer=self.handle.target_layer))
+        except MethodNotApplicable:
+            return False
+        except SaliencyError as exc:
+            log.debug("method %s not offered for %s: %s", method.name, self.name, exc)
+            return False
+        return True
+
+    def info(self) -> dict[str, Any]:
+        """``ModelInfo`` of the API contract."""
+        return {
+            "name": self.name,
+            "source": self.source,
+            "architecture": self.architecture,
+            "num_classes": self.num_classes,
+            "input_size": list(self.input_size),
+            "device": str(self.device),
+            "target_layer": self.handle.target_layer,
+            "methods": self.methods(),
+            "ready": self.ready,
+        }
+
+    def preprocess(self, image: Image.Image) -> tuple[Tensor, Geometry]:
+        """The model's normalised (C, H, W) float32 input for ``image`` (CPU) and its geometry."""
+        return preprocess(image, self.input_size, self.mean, self.std, self.resize)
+
+    def example_input(self) -> Tensor:
+        """A (1, C, H, W) grey image at the model's input size, on its device."""
+        return torch.zeros(1, *self.input_size, device=self.device)
+
+
+def _supports_cam() -> Callable[[ModelHandle], bool] | None:
+    """``service.explainers.class_cam.supports_cam`` where that module provides it."""
+    try:
+        mod = importlib.import_module("service.explainers.class_cam")
+    except ImportError:
+        return None
+    fn = getattr(mod, "supports_cam", None)
+    return fn if callable(fn) else None
+
+
+def supports_hooks(module: nn.Module) -> bool:
+    """Whether Python forward hooks can be registered on ``module`` (TorchScript refuses them)."""
+    try:
+        handle = module.register_forward_hook(lambda *_: None)
+    except RuntimeError:
+        return False
+    handle.remove()
+    return True
+
+
+# ------------------------------------------------------------------------------------------------
+# loading
+# ------------------------------------------------------------------------------------------------
+def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
+    """Build, check and place one model: eval mode, parameter gradients off, on ``device``."""
+    started = time.perf_counter()
+    builtin = get_builtin(spec.architecture or spec.name) if spec.source == "builtin" else None
+    input_size = spec.input_size or (builtin.input_size if builtin else (3, 224, 224))
+    channels = input_size[0]
+    mean = _per_channel(spec.mean or (BUILTIN_MEAN if builtin else IMAGENET_MEAN), channels)
+    std = _per_channel(spec.std or (BUILTIN_STD if builtin else IMAGENET_STD), channels)
+    labels = read_labels(spec.labels or ("imagenet" if builtin else None))
+    num_classes = spec.num_classes or (len(labels) if labels else None)
+    if builtin is not None or (num_classes is None and spec.source != "torchscript"):
+        num_classes = num_classes or IMAGENET_CLASSES
+    if builtin is not None and num_classes != IMAGENET_CLASSES:
+        raise ConfigError(f"model {spec.name!r}: builtin models have {IMAGENET_CLASSES} classes")
+
+    module = build_module(spec, num_classes or IMAGENET_CLASSES)
+    module = module.to(device).eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+
+    example = torch.zeros(1, *input_size, device=device)
+    measured = _probe(spec, module, example)
+    if num_classes is None:
+        num_classes = measured
+    if measured != num_classes:
+        raise ConfigError(f"model {spec.name!r} outputs {measured} classes, configured for {num_classes}")
+    if labels is None:
+        labels = [f"class_{i}" for i in range(num_classes)]
+    if len(labels) != num_classes:
+        raise ConfigError(f"model {spec.name!r}: {len(labels)} labels for {num_classes} classes")
+
+    handle = ModelHandle(
+        module=module,
+        mean=mean,
+        std=std,
+        target_layer=_target_layer(spec, module, example),
+        name=spec.name,
+    )
+    architecture = spec.architecture or (
+        spec.name if builtin else str(getattr(module, "original_name", type(module).__name__))
+    )
+    model = LoadedModel(
+        spec=spec,
+        name=spec.name,
+        source=spec.source,
+        architecture=architecture,
+        num_classes=num_classes,
+        input_size=input_size,
+        mean=mean,
+        std=std,
+        resize=spec.resize,
+        labels=labels,
+        handle=handle,
+        device=device,
+    )
+    log.info(
+        "loaded model %s (%s %s, %d classes, input %s, target layer %s) on %s in %.1f s",
+        spec.name,
+        spec.source,
+        architecture,
+        num_classes,
+        "×".join(map(str, input_size)),
+        handle.target_layer,
+        device,
+        time.perf_counter() - started,
+    )
+    return model
+
+
+def _per_channel(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
+    return tuple(values) * channels if len(values) == 1 else tuple(values)
+
+
+def _probe(spec: ModelSpec, module: nn.Module, example: Tensor) -> int:
+    """One forward pass on a blank input; the number of classes the model outputs."""
+    try:
+        with torch.inference_mode():
+            out = module(example)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"model {spec.name!r} fails on a {tuple(example.shape)} input: {str(exc).splitlines()[0] if str(exc) else exc!r}"
+        ) from None
+    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != 1:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ModelLoadError(f"model {spec.name!r} must return logits shaped (N, classes), got {shape}")
+    return int(out.shape[1])
+
+
+def _target_layer(spec: ModelSpec, module: nn.Module, example: Tensor) -> str | None:
+    """The configured CAM layer (checked), else the auto-detected one, else ``None`` (no CAM)."""
+    if spec.target_layer is not None:
+        names = layer_names(module)  # not get_submodule: TorchScript modules lack it
+        if spec.target_layer not in names:
+            exc = UnknownLayer(spec.target_layer, names)
+            raise ConfigError(f"model {spec.name!r}: target_layer: {exc.message}")
+        return spec.target_layer
+    if not supports_hooks(module):
+        layer = layer_before_head(module)
+        if layer is None:
+            log.warning("model %s: no target layer found; set target_layer in its config", spec.name)
+        return layer
+    try:
+        return find_target_layer(module, example)
+    except UnknownLayer:
+        log.warning("model %s produces no spatial feature map: CAM methods are not offered", spec.name)
+        return None
+
+
+# class names (``original_name`` for TorchScript) that make up a classifier head
+_HEAD_KINDS = frozenset(
+    {
+        "Linear",
+        "Flatten",
+        "Dropout",
+        "Identity",
+        "Softmax",
+        "ReLU",
+        "AdaptiveAvgPool2d",
+        "AdaptiveMaxPool2d",
+        "SelectAdaptivePool2d",
+        "AvgPool2d",
+        "ClassifierHead",
+    }
+)
+
+
+def _kind(module: nn.Module) -> str:
+    return str(getattr(module, "original_name", None) or type(module).__name__)
+
+
+def _is_head(module: nn.Module) -> bool:
+    children = list(module.children())
+    if not children:
+        return _kind(module) in _HEAD_KINDS
+    return _kind(module) in _HEAD_KINDS or all(_is_head(c) for c in children)
+
+
+def layer_before_head(module: nn.Module) -> str | None:
+    """By structure alone (no forward hooks): the last child before the pooling/classifier head.
+
+    ``layer4`` of a ResNet, ``bn2`` of timm's EfficientNet, ``features`` of a VGG. Used for
+    TorchScript modules, which refuse Python hooks; single-child wrappers are descended into.
+    """
+    prefix = ""
+    current = module
+    while True:
+        children = list(current.named_children())
+        if len(children) == 1 and not _is_head(children[0][1]):
+            name, current = children[0]
+            prefix += name + "."
+            continue
+        for name, child in reversed(children):
+            if not _is_head(child):
+                return prefix + name
+        return None
+
+
+# ------------------------------------------------------------------------------------------------
+# the registry
+# ------------------------------------------------------------------------------------------------
+class ModelRegistry:
+    """Every configured model by name, in configuration order."""
+
+    def __init__(self, models: list[LoadedModel]) -> None:
+        self._models: dict[str, LoadedModel] = {}
+        for model in models:
+            if model.name in self._models:
+                raise ConfigError(f"model name {model.name!r} is configured twice")
+            self._models[model.name] = model
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ModelRegistry:
+        """The models of ``settings.models_config``, or the builtin default model without one."""
+        if settings.models_config is not None:
+            specs = load_config(settings.models_config)
+        else:
+            specs = [ModelSpec(name=DEFAULT_MODEL, source="builtin")]
+        return cls.from_specs(specs, device=settings.device)
+
+    @classmethod
+    def from_specs(cls, specs: list[ModelSpec], *, device: str = "auto") -> ModelRegistry:
+        """Load each spec on its own device, else on ``device``."""
+        check_unique(specs)
+        if not specs:
+            raise ConfigError("no models configured")
+        return cls([load_model(spec, resolve_device(spec.device or device)) for spec in specs])
+
+    def get(self, name: str) -> LoadedModel:
+        try:
+            return self._models[name]
+        except KeyError:
+            raise UnknownModel(name, self._models) from None
+
+    def names(self) -> list[str]:
+        return list(self._models)
+
+    def __iter__(self) -> Iterator[LoadedModel]:
+        return iter(list(self._models.values()))
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._models
+
+    @property
+    def ready(self) -> bool:
+        """Every model loaded and warmed up."""
+        return bool(self._models) and all(m.ready for m in self._models.values())
+
+    def mark_ready(self) -> None:
+        """Declare every model ready without a warm-up (``SALIENCY_WARMUP=false``)."""
+        for model in self._models.values():
+            model.ready = True
+
+    def warmup(self) -> None:
+        """Run one method of each family once per model on a blank input, then mark it ready.
+
+        A method that fails here is logged and withdrawn from that model's ``methods()``.
+        """
+        for model in self._models.values():
+            started = time.perf_counter()
+            for name in warmup_plan(model):
+                try:
+                    explain(model.handle, model.example_input(), name, WARMUP_PARAMS, targets=[[0]])
+                except Exception as exc:
+                    log.exception("warm-up of %s on %s failed; the method is withdrawn", name, model.name)
+                    model.failed_methods[name] = f"{type(exc).__name__}: {exc}"
+            model.ready = True
+            log.info("warmed up %s in %.1f s", model.name, time.perf_counter() - started)
+
+
+def warmup_plan(model: LoadedModel) -> list[str]:
+    """The preferred methods this model supports, then the first of any family still uncovered."""
+    available = {m.name: m for m in all_methods() if m.name in model.methods()}
+    plan = [name for name in WARMUP_PREFERENCE if name in available]
+    covered = {available[name].family for name in plan}
+    for name, method in available.items():
+        if method.family not in covered:
+            plan.append(name)
+            covered.add(method.family)
+    return plan

@@ -1,0 +1,235 @@
+"""Dynamic batching of synchronous explain requests.
+
+Concurrent requests for the same model, method and parameters are gathered for up to a short
+delay (measured from the arrival of the oldest one) and up to a maximum number of images, run as
+one engine call, and split back per request with ``Explanation.select``.
+
+Which requests may share a call (``batch_key``):
+
+- the same model replica, method, ``ExplainParams``, input shape, and the same kind of target
+  (``top_k`` with the same k, or explicit targets with the same count per image);
+- the seed: a method that declares ``seed`` among the parameters it uses draws random numbers
+  from it (noise, random baselines). Every image of one engine call draws the same sequence from
+  the call's seed, so requests with the *same explicit seed* get exactly what they would get alone.
+  A request without a seed gets a fresh random seed of its own; batching several of them would
+  hand them one shared seed and identical noise, so such requests run alone. Methods that use no
+  randomness (CAM and gradient methods) ignore the seed and batch regardless of it.
+
+``BatchQueue`` is the thread-safe queue a device worker takes batches from; it knows only keys,
+sizes and arrival times, so it is tested on its own.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
+from typing import Any, Generic, Protocol, TypeVar
+
+import torch
+from torch import Tensor
+
+from service.explainers import ExplainParams, Explanation, ModelHandle, get_method
+from service.explainers.engine import TargetSpec
+
+
+class Queued(Protocol):
+    """What ``BatchQueue`` needs of an item."""
+
+    @property
+    def key(self) -> Hashable | None: ...  # None: never batched with another item
+
+    @property
+    def size(self) -> int: ...  # images
+
+    @property
+    def enqueued(self) -> float: ...  # monotonic arrival time
+
+    @property
+    def future(self) -> Future[Any]: ...
+
+
+Q = TypeVar("Q", bound=Queued)
+
+
+class BatchQueue(Generic[Q]):
+    """FIFO of work items; ``take`` returns the oldest item plus the compatible ones behind it.
+
+    A batch is the head item and, in arrival order, every queued item with the same key that
+    still fits under ``max_size`` images. When the batch is not full, ``take`` waits until
+    ``max_delay_s`` after the head's arrival for more to come (no wait when the head already
+    waited that long, e.g. while the device was busy). Items whose future was cancelled are
+    dropped. ``take`` returns ``None`` once the queue is closed and empty.
+    """
+
+    def __init__(
+        self, max_size: int, max_delay_s: float, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.max_size = max(1, max_size)
+        self.max_delay_s = max(0.0, max_delay_s)
+        self._clock = clock
+        self._items: deque[Q] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._items)
+
+    def put(self, item: Q) -> None:
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the queue is closed")
+            self._items.append(item)
+            self._cond.notify_all()
+
+    def close(self) -> list[Q]:
+        """Stop accepting items; returns (and removes) the items still queued."""
+        with self._cond:
+            self._closed = True
+            left = list(self._items)
+            self._items.clear()
+            self._cond.notify_all()
+            return left
+
+    def take(self) -> list[Q] | None:
+        with self._cond:
+            while True:
+                while self._items and self._items[0].future.cancelled():
+                    self._items.popleft()
+                if self._items:
+                    break
+                if self._closed:
+                    return None
+                self._cond.wait()
+            head = self._items.popleft()
+            batch = [head]
+            if head.key is None or self.max_size <= 1:
+                return batch
+            total = head.size
+            deadline = head.enqueued + self.max_delay_s
+            while True:
+                total = self._gather(head.key, batch, total)
+                remaining = deadline - self._clock()
+                if total >= self.max_size or self._closed or remaining <= 0:
+                    return batch
+                self._cond.wait(remaining)
+
+    def _gather(self, key: Hashable, batch: list[Q], total: int) -> int:
+        kept: deque[Q] = deque()
+        for item in self._items:
+            if item.future.cancelled():
+                continue
+            if item.key == key and total + item.size <= self.max_size:
+                batch.append(item)
+                total += item.size
+            else:
+                kept.append(item)
+        self._items = kept
+        return total
+
+
+# ------------------------------------------------------------------------------------------------
+# explain requests
+# ------------------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class ExplainRequest:
+    """One synchronous explain call waiting for (or running on) a device worker."""
+
+    handle: ModelHandle
+    x: Tensor
+    method: str
+    params: ExplainParams
+    targets: Tensor | None  # (n, K) int64 explicit targets, or None for top_k
+    raw_targets: TargetSpec
+    top_k: int
+    key: Hashable | None
+    enqueued: float = field(default_factory=time.monotonic)
+    future: Future[Explanation] = field(default_factory=Future)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def size(self) -> int:
+        return int(self.x.shape[0])
+
+
+@dataclass(eq=False)
+class CallRequest:
+    """Any other model work (``predict``): never batched."""
+
+    fn: Callable[[Callable[[], bool]], Any]
+    enqueued: float = field(default_factory=time.monotonic)
+    future: Future[Any] = field(default_factory=Future)
+    stop: threading.Event = field(default_factory=threading.Event)
+    key: Hashable | None = None
+    size: int = 1
+
+
+def target_rows(targets: TargetSpec, n: int) -> Tensor | None:
+    """Explicit targets as an (n, K) int64 tensor, or ``None`` when they are not that shape."""
+    try:
+        t = torch.as_tensor(targets, dtype=torch.int64)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    if t.dim() == 1:
+        t = t.view(-1, 1)
+    if t.dim() != 2 or t.shape[0] != n or t.shape[1] < 1:
+        return None
+    return t
+
+
+def make_request(
+    handle: ModelHandle,
+    x: Tensor,
+    method: str,
+    params: ExplainParams,
+    *,
+    targets: TargetSpec,
+    top_k: int,
+    batching: bool,
+) -> ExplainRequest:
+    """The queued form of one explain call, with its batch key (``None``: runs alone)."""
+    rows = None if targets is None else target_rows(targets, int(x.shape[0]))
+    key: Hashable | None = None
+    if batching and x.dim() == 4 and (targets is None or rows is not None):
+        key = batch_key(handle, x, method, params, rows, top_k)
+    return ExplainRequest(handle, x, method, params, rows, targets, top_k, key)
+
+
+def batch_key(
+    handle: ModelHandle, x: Tensor, method: str, params: ExplainParams, rows: Tensor | None, top_k: int
+) -> Hashable | None:
+    """What must be equal for two requests to share one engine call (see the module docstring)."""
+    m = get_method(method)
+    if "seed" in m.uses:
+        if params.seed is None:
+            return None  # its own random seed: independent noise, so it runs alone
+    else:
+        params = params.with_(seed=None)  # not used by the method: no reason to keep requests apart
+    target_kind = ("top", top_k) if rows is None else ("explicit", int(rows.shape[1]))
+    return (id(handle), m.name, params, target_kind, tuple(x.shape[1:]), x.dtype, x.device)
+
+
+def combine(requests: list[ExplainRequest]) -> tuple[Tensor, Tensor | None]:
+    """The batch's input and its explicit targets (``None`` when the requests use ``top_k``)."""
+    x = torch.cat([r.x for r in requests])
+    if requests[0].targets is None:
+        return x, None
+    return x, torch.cat([r.targets for r in requests if r.targets is not None])
+
+
+def split(explanation: Explanation, requests: list[ExplainRequest]) -> list[Explanation]:
+    """Per-request explanations, in the order of ``requests``."""
+    out: list[Explanation] = []
+    start = 0
+    for r in requests:
+        part = explanation.select(slice(start, start + r.size))
+        if r.params.seed is not None and r.params.seed != part.params.seed:
+            # a method that ignores the seed was batched regardless of it: report the request's own
+            part = replace(part, params=part.params.with_(seed=r.params.seed))
+        out.append(part)
+        start += r.size
+    return out

@@ -1,0 +1,147 @@
+"""Scale-out: jobs as Celery tasks over Redis, run by ``saliency worker`` processes.
+
+The API stores a job in Redis (``RedisJobStore``) and sends a task carrying only the job id;
+a worker loads the model registry on its device once, at start-up, and runs the task with the
+same ``JobRunner`` the local pool uses. Job state, progress and results stay in the job store,
+not in Celery's result backend: an id Celery never saw is a 404, not ``PENDING``.
+
+Worker settings for a GPU (one worker process per device):
+
+- ``--pool solo`` (default; ``threads`` also works) and concurrency 1: the task runs in the
+  process that loaded the models, with no fork after CUDA was initialised;
+- ``worker_prefetch_multiplier = 1``: a worker reserves one job at a time, so queued jobs wait
+  on the broker, where any free worker can take them;
+- ``task_acks_late`` + ``task_reject_on_worker_lost``: the message is acknowledged only after
+  the job finished, so a worker that dies mid-job leaves it for redelivery;
+- the Redis transport's ``visibility_timeout`` (``job_visibility_timeout_s``) must exceed the
+  longest job: that is when Redis hands an unacknowledged message out again.
+
+Redelivery after a crash does not have to wait for the visibility timeout: the worker refreshes
+a lease on its running job (a heartbeat every ``job_lease_s / 4`` seconds); when the lease runs
+out, the API re-queues the job (a new task) or, after ``job_max_attempts`` starts, marks it
+``failed`` with a clear error. Duplicate deliveries are harmless: only a queued job can start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from celery import Celery
+
+from service.config import Settings
+from service.runtime.jobstore import JobStore
+from service.runtime.redis_store import RedisJobStore
+from service.runtime.runner import JobRunner
+
+log = logging.getLogger(__name__)
+
+TASK_NAME = "saliency.run_job"
+
+# the worker's job runner, set by ``run_worker`` before Celery starts consuming
+_runner: JobRunner | None = None
+
+
+def queue_name(settings: Settings) -> str:
+    return f"{settings.redis_namespace}.jobs"
+
+
+def make_store(settings: Settings) -> RedisJobStore:
+    """The Redis job store of these settings (shared by the API and the workers)."""
+    return RedisJobStore(
+        settings.broker_url,
+        namespace=settings.redis_namespace,
+        retention_s=settings.job_retention_s,
+        active_ttl_s=settings.job_visibility_timeout_s + settings.job_retention_s,
+    )
+
+
+def make_celery(settings: Settings) -> Celery:
+    """The Celery app, configured for one-job-at-a-time GPU workers (see the module docstring)."""
+    app = Celery("saliency", broker=settings.broker_url, set_as_current=False)
+    app.conf.update(
+        task_default_queue=queue_name(settings),
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,  # state and results live in the job store
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        worker_concurrency=1,
+        worker_pool="solo",
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            "visibility_timeout": settings.job_visibility_timeout_s,
+            "global_keyprefix": f"{settings.redis_namespace}:celery:",
+        },
+    )
+    app.task(name=TASK_NAME, bind=False, ignore_result=True)(_run_job)
+    return app
+
+
+def enqueue(app: Celery, settings: Settings, job_id: str) -> None:
+    """Send the task that runs job ``job_id`` (blocking)."""
+    app.send_task(TASK_NAME, args=[job_id], queue=queue_name(settings))
+
+
+def _run_job(job_id: str) -> None:
+    """The Celery task: run one job with this worker's runner."""
+    if _runner is None:
+        raise RuntimeError("this worker was not started with `saliency worker`")
+    _runner.run(job_id)
+
+
+def worker_runner(settings: Settings, store: JobStore, registry: Any) -> JobRunner:
+    """The job runner of a worker process: the registry's own handles, a lease heartbeat."""
+
+    def lookup(name: str) -> tuple[Any, Any]:
+        model = registry.get(name)
+        return model, model.handle
+
+    return JobRunner(
+        store=store,
+        settings=settings,
+        models=lookup,
+        worker=f"{socket.gethostname()}:{os.getpid()}",
+        heartbeat_s=max(0.25, settings.job_lease_s / 4),
+    )
+
+
+def worker_argv(settings: Settings, argv: Sequence[str] = ()) -> list[str]:
+    """Celery's worker command line; options in ``argv`` come last, so they win."""
+    return [
+        "worker",
+        "--pool=solo",
+        "--concurrency=1",
+        f"--loglevel={settings.log_level.upper()}",
+        "--without-gossip",
+        "--without-mingle",
+        f"--queues={queue_name(settings)}",
+        "--hostname=saliency@%h",
+        *argv,
+    ]
+
+
+def run_worker(settings: Settings, argv: Sequence[str] = ()) -> None:
+    """``saliency worker``: load the registry on this worker's device, then consume jobs."""
+    global _runner
+    from service.models.registry import ModelRegistry
+
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    registry = ModelRegistry.from_settings(settings)
+    if settings.warmup:
+        registry.warmup()
+    else:
+        registry.mark_ready()
+    store = make_store(settings)
+    _runner = worker_runner(settings, store, registry)
+    app = make_celery(settings)
+    log.info("worker ready: models %s on queue %s", ", ".join(registry.names()), queue_name(settings))
+    app.worker_main(worker_argv(settings, argv))

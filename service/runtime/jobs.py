@@ -1,0 +1,296 @@
+"""The job service: heavy explanations run as jobs that clients submit, poll and fetch.
+
+Two backends behind one interface (``settings.jobs_backend``):
+
+- ``local`` (default): jobs run in this process on the local worker pool
+  (``service.runtime.pool``: one lane per device, FIFO, yielding to synchronous requests);
+  records live in memory (``MemoryJobStore``) and end with the process.
+- ``celery``: the API enqueues a Celery task on Redis and any ``saliency worker`` runs it
+  (``service.runtime.celery_app``); records, inputs and results live in Redis
+  (``RedisJobStore``), so every API replica answers for every job and restarts lose nothing.
+  A maintenance loop re-queues running jobs whose worker stopped sending heartbeats (or fails
+  them after ``job_max_attempts`` deliveries).
+
+Everything the store does is blocking I/O; it runs in a thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from service.config import Settings
+from service.errors import InvalidParameter, JobNotFinished, Overloaded
+from service.explainers import ExplainParams, get_method
+from service.metrics import Metrics
+from service.models.registry import LoadedModel, ModelRegistry
+from service.runtime.executor import Executor
+from service.runtime.jobstore import JobRecord, JobSpec, JobStore, MemoryJobStore, check_job_id, new_job_id
+from service.runtime.pool import LocalPool
+from service.runtime.results import JobResult, decode
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+RETRY_AFTER_QUEUED_S = 2
+RETRY_AFTER_RUNNING_S = 1
+
+
+def make_spec(
+    model: LoadedModel,
+    method: str,
+    params: ExplainParams,
+    *,
+    targets: list[int] | None,
+    top_k: int,
+    images: int,
+    keep_attributions: bool = False,
+    options: dict[str, Any] | None = None,
+) -> JobSpec:
+    """Check everything that can be checked before the job runs, and fix the seed.
+
+    A job that is valid here fails later only for reasons of the server's own. The seed is drawn
+    now (when not given), so a redelivered job computes the same result and reports the same
+    parameters.
+    """
+    m = get_method(method)
+    params = params.validate()
+    if params.seed is None:
+        params = params.with_(seed=secrets.randbits(62))
+    if m.needs_layer:
+        params = params.with_(layer=model.handle.resolve_layer(params.layer))
+    m.check(model.handle, params)
+    for t in targets or ():
+        model.label(t)  # TargetOutOfRange outside [0, num_classes)
+    if targets is None and not 1 <= top_k <= model.num_classes:
+        raise InvalidParameter(f"top_k must be in [1, {model.num_classes}] (got {top_k})", field="top_k")
+    if images < 1:
+        raise InvalidParameter("a job needs at least one image", field="images")
+    return JobSpec(
+        model=model.name,
+        method=m.name,
+        params={k: getattr(params, k) for k in params.__dataclass_fields__},
+        targets=list(targets) if targets else None,
+        top_k=1 if targets else top_k,
+        images=images,
+        keep_attributions=keep_attributions,
+        options=dict(options or {}),
+    )
+
+
+def retry_after(record: JobRecord) -> int | None:
+    """Seconds a client should wait before polling again; ``None`` once the job has finished."""
+    if record.status == "queued":
+        return RETRY_AFTER_QUEUED_S
+    if record.status == "running":
+        return RETRY_AFTER_RUNNING_S
+    return None
+
+
+class JobService:
+    """Accepts jobs and answers for them; the backends decide where the jobs run."""
+
+    backend = "base"
+    tick_s = 2.0
+
+    def __init__(
+        self, settings: Settings, registry: ModelRegistry, store: JobStore, metrics: Metrics | None
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.store = store
+        self.metrics = metrics
+        self._ticker: asyncio.Task[None] | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the workers (local) or the maintenance loop (Celery)."""
+        self._ticker = asyncio.create_task(self._tick_forever(), name=f"jobs-{self.backend}")
+
+    async def stop(self) -> None:
+        """Stop the maintenance loop and release the workers."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+            self._ticker = None
+        await asyncio.to_thread(self._shutdown)
+
+    # --- the API's calls -----------------------------------------------------------------------
+    async def submit(
+        self,
+        model: LoadedModel,
+        method: str,
+        params: ExplainParams,
+        *,
+        targets: list[int] | None,
+        top_k: int,
+        images: list[bytes],
+        keep_attributions: bool = False,
+        options: dict[str, Any] | None = None,
+    ) -> JobRecord:
+        """Queue a job over ``images`` (upload bytes, already validated by the caller)."""
+        if len(images) > self.settings.job_max_images:
+            raise InvalidParameter(
+                f"a job takes at most {self.settings.job_max_images} images (got {len(images)})",
+                field="images",
+            )
+        spec = make_spec(
+            model,
+            method,
+            params,
+            targets=targets,
+            top_k=top_k,
+            images=len(images),
+            keep_attributions=keep_attributions,
+            options=options,
+        )
+        record = JobRecord(id=new_job_id(), status="queued", spec=spec, created_at=time.time())
+        await self._io(self.store.create, record, images, max_queued=self.settings.job_queue_size)
+        await self._io(self._dispatch, record)
+        return await self.get(record.id)
+
+    async def get(self, job_id: str) -> JobRecord:
+        """The job; ``JobNotFound`` (404) for an unknown id, ``JobExpired`` (410) past retention."""
+        check_job_id(job_id)
+        return await self._io(self.store.get, job_id)
+
+    async def cancel(self, job_id: str) -> JobRecord:
+        """Cancel a queued or running job; a finished job is returned as it is."""
+        check_job_id(job_id)
+        return await self._io(self.store.cancel, job_id)
+
+    async def result(self, job_id: str) -> tuple[JobRecord, JobResult]:
+        """The job and its decoded result; ``JobNotFinished`` (409) before it succeeded."""
+        record = await self.get(job_id)
+        if record.status != "succeeded":
+            raise JobNotFinished(_not_ready(record))
+        data = await self._io(self.store.result, job_id)
+        return record, await asyncio.to_thread(decode, data)
+
+    async def image(self, job_id: str, index: int) -> bytes:
+        """The bytes of the job's image ``index`` as uploaded (for overlays)."""
+        images = await self._io(self.store.inputs, job_id)
+        if not 0 <= index < len(images):
+            raise InvalidParameter(f"index must be in [0, {len(images)})", field="index")
+        return images[index]
+
+    # --- backend hooks ---------------------------------------------------------------------------
+    def _dispatch(self, record: JobRecord) -> None:
+        """Hand the stored job to a worker (blocking; runs in a thread)."""
+        raise NotImplementedError
+
+    def _maintain(self) -> None:
+        """Periodic housekeeping (blocking; runs in a thread): the jobs gauge by default."""
+        if self.metrics is not None:
+            for state, n in self.store.counts().items():
+                self.metrics.jobs.labels(state=state).set(n)
+
+    def _shutdown(self) -> None:
+        self.store.close()
+
+    async def _io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    async def _tick_forever(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self._maintain)
+            except Exception as exc:
+                log.warning("job maintenance failed: %r", exc)
+            await asyncio.sleep(self.tick_s)
+
+
+def _not_ready(record: JobRecord) -> str:
+    if record.status in ("queued", "running"):
+        return f"job {record.id} is {record.status} ({record.progress:.0%}); poll GET /v1/jobs/{record.id}"
+    return f"job {record.id} {record.status}; it has no result"
+
+
+class LocalJobService(JobService):
+    """Jobs on this process's worker pool; records in memory."""
+
+    backend = "local"
+
+    def __init__(
+        self, settings: Settings, registry: ModelRegistry, executor: Executor, metrics: Metrics | None
+    ) -> None:
+        super().__init__(settings, registry, MemoryJobStore(settings.job_retention_s), metrics)
+        self.pool = LocalPool(registry, self.store, settings, executor, metrics)
+
+    def _dispatch(self, record: JobRecord) -> None:
+        self.pool.submit(record.id, record.spec.model)
+
+    def _shutdown(self) -> None:
+        self.pool.stop()
+        super()._shutdown()
+
+
+class CeleryJobService(JobService):
+    """Jobs on Celery workers over Redis; records, inputs and results in Redis."""
+
+    backend = "celery"
+
+    def __init__(self, settings: Settings, registry: ModelRegistry, metrics: Metrics | None) -> None:
+        from service.runtime.celery_app import make_celery, make_store
+
+        super().__init__(settings, registry, make_store(settings), metrics)
+        self.celery = make_celery(settings)
+        self.tick_s = max(0.5, min(5.0, settings.job_lease_s / 3))
+
+    async def _io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        import kombu.exceptions
+        import redis
+
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except (redis.RedisError, kombu.exceptions.OperationalError, OSError) as exc:
+            log.warning("job store or broker unavailable: %r", exc)
+            raise Overloaded("the job queue is unavailable; retry shortly", retry_after=5) from None
+
+    def _dispatch(self, record: JobRecord) -> None:
+        from service.runtime.celery_app import enqueue
+
+        try:
+            enqueue(self.celery, self.settings, record.id)
+        except Exception:
+            self.store.cancel(record.id)  # never leave a queued job that no message will run
+            raise
+
+    def _maintain(self) -> None:
+        lease, attempts = self.settings.job_lease_s, self.settings.job_max_attempts
+        for job_id in self.store.stale(lease):
+            outcome = self.store.recover(job_id, lease, attempts)
+            if outcome == "requeued":
+                log.warning("job %s: its worker stopped sending heartbeats; re-queued", job_id)
+                self._dispatch_requeued(job_id)
+            elif outcome == "failed":
+                log.warning("job %s: its worker died on every attempt; marked failed", job_id)
+        prune = getattr(self.store, "prune", None)
+        if prune is not None:
+            prune()
+        super()._maintain()
+
+    def _dispatch_requeued(self, job_id: str) -> None:
+        from service.runtime.celery_app import enqueue
+
+        enqueue(self.celery, self.settings, job_id)
+
+    def _shutdown(self) -> None:
+        super()._shutdown()
+        self.celery.close()
+
+
+def create_job_service(
+    settings: Settings, registry: ModelRegistry, executor: Executor, metrics: Metrics | None
+) -> JobService:
+    """The job service ``settings.jobs_backend`` asks for (``local`` or ``celery``)."""
+    if settings.jobs_backend == "celery":
+        return CeleryJobService(settings, registry, metrics)
+    return LocalJobService(settings, registry, executor, metrics)

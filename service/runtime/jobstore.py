@@ -1,0 +1,374 @@
+"""Job records and the store that keeps them: in memory (local pool) or in Redis (Celery).
+
+A job moves ``queued → running → succeeded | failed | cancelled`` (or ``queued → cancelled``).
+Every change of state goes through the store and is a compare-and-set, so two processes never
+both start a job, and a worker that lost its job (cancelled, or re-queued after its lease ran
+out) learns so at its next chunk instead of overwriting the new state:
+
+- ``start`` takes a queued job and hands back a *lease* token; ``progress``, ``heartbeat`` and
+  ``finish`` succeed only while that lease is the job's current one.
+- ``recover`` re-queues a running job whose heartbeat is older than the lease time (its worker
+  died), or fails it with a clear error after ``max_attempts`` deliveries.
+- A finished job is kept ``retention_s``; after that its id leaves a *tombstone* for a while
+  longer, so an expired job answers 410 and an id that never existed 404.
+
+The store also holds each job's input images (raw upload bytes, in upload order) and, on
+success, its encoded result (``service.runtime.results``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal, Protocol
+
+from service.errors import JobExpired, JobNotFinished, JobNotFound, Overloaded, SaliencyError
+from service.explainers import ExplainParams
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+ACTIVE: frozenset[str] = frozenset({"queued", "running"})
+FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+Recovery = Literal["requeued", "failed"]
+
+_ID = re.compile(r"^[0-9a-f]{32}$")
+MIN_TOMBSTONE_S = 24 * 3600
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def check_job_id(job_id: str) -> str:
+    """``JobNotFound`` for anything that cannot be a job id (no store lookup for it)."""
+    if not _ID.match(job_id):
+        raise JobNotFound(f"no job with id {job_id!r}")
+    return job_id
+
+
+def tombstone_s(retention_s: float) -> int:
+    """How long an expired job's id is remembered (410 rather than 404)."""
+    return int(max(MIN_TOMBSTONE_S, 10 * retention_s))
+
+
+# ------------------------------------------------------------------------------------------------
+# records
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class JobSpec:
+    """What to compute: the engine call, applied to every image of the job."""
+
+    model: str
+    method: str
+    params: dict[str, Any]  # ExplainParams fields, seed resolved at submission
+    targets: list[int] | None  # explicit targets for every image, or None for top_k
+    top_k: int
+    images: int
+    keep_attributions: bool = False  # store the per-channel attributions too (reduction=none)
+    options: dict[str, Any] = field(default_factory=dict)  # the API's rendering options, opaque here
+
+    def explain_params(self) -> ExplainParams:
+        return ExplainParams(**self.params).validate()
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> JobSpec:
+        return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A job's state as clients see it, plus the spec it runs."""
+
+    id: str
+    status: JobStatus
+    spec: JobSpec
+    created_at: float  # UNIX seconds
+    progress: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: dict[str, Any] | None = None  # {"code", "title", "detail"}: a problem, never internals
+    attempts: int = 0
+    worker: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
+
+    def with_(self, **changes: Any) -> JobRecord:
+        return replace(self, **changes)
+
+
+def error_info(exc: SaliencyError) -> dict[str, Any]:
+    """The stored form of a job's failure: the domain error's code, title and message."""
+    info: dict[str, Any] = {"code": exc.code, "title": exc.title, "detail": exc.message}
+    if exc.field is not None:
+        info["field"] = exc.field
+    return info
+
+
+def error_class(code: str) -> type[SaliencyError]:
+    """The domain error class with this ``code`` (``SaliencyError`` if none has it)."""
+    stack: list[type[SaliencyError]] = [SaliencyError]
+    while stack:
+        cls = stack.pop()
+        if cls.code == code:
+            return cls
+        stack.extend(cls.__subclasses__())
+    return SaliencyError
+
+
+# ------------------------------------------------------------------------------------------------
+# the store interface
+# ------------------------------------------------------------------------------------------------
+class JobStore(Protocol):
+    """Where job records, inputs and results live. Every method is blocking and thread-safe."""
+
+    retention_s: float
+
+    def create(self, record: JobRecord, inputs: list[bytes], *, max_queued: int) -> None:
+        """Add a queued job; ``Overloaded`` when ``max_queued`` jobs are already queued."""
+
+    def get(self, job_id: str) -> JobRecord:
+        """The record; ``JobNotFound`` for an unknown id, ``JobExpired`` past retention."""
+
+    def inputs(self, job_id: str) -> list[bytes]:
+        """The job's images as uploaded (empty once the job has finished unsuccessfully)."""
+
+    def start(self, job_id: str, worker: str) -> str | None:
+        """queued → running; the lease token, or ``None`` when the job is not queued (any more)."""
+
+    def progress(self, job_id: str, lease: str, value: float | None) -> bool:
+        """Record progress (``None``: a heartbeat only); ``False`` once the lease is lost."""
+
+    def finish(
+        self,
+        job_id: str,
+        lease: str,
+        status: JobStatus,
+        *,
+        error: dict[str, Any] | None = None,
+        result: bytes | None = None,
+    ) -> bool:
+        """running → a finished status; ``False`` (and no change) once the lease is lost."""
+
+    def cancel(self, job_id: str) -> JobRecord:
+        """Cancel a queued or running job (a finished one stays as it is); the record after."""
+
+    def result(self, job_id: str) -> bytes:
+        """The encoded result; ``JobNotFinished`` unless the job succeeded."""
+
+    def stale(self, lease_s: float) -> list[str]:
+        """Running jobs whose last heartbeat is older than ``lease_s``."""
+
+    def recover(self, job_id: str, lease_s: float, max_attempts: int) -> Recovery | None:
+        """Re-queue (or, after ``max_attempts`` starts, fail) a stale running job."""
+
+    def counts(self) -> dict[str, int]:
+        """Jobs queued and running."""
+
+    def close(self) -> None: ...
+
+
+def lost_worker_error(attempts: int | str, max_attempts: int) -> dict[str, Any]:
+    """The failure of a job whose worker died on each of its ``max_attempts`` deliveries."""
+    return {
+        "code": "worker-lost",
+        "title": "Worker lost",
+        "detail": (
+            f"the worker running this job stopped unexpectedly (attempt {attempts} of at most "
+            f"{max_attempts}); submit the job again"
+        ),
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# in memory
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class _Entry:
+    record: JobRecord
+    inputs: list[bytes]
+    result: bytes | None = None
+    lease: str | None = None
+    heartbeat: float = 0.0
+
+
+class MemoryJobStore:
+    """The local backend's store: a dict guarded by a lock. Jobs live as long as the process."""
+
+    def __init__(self, retention_s: float, *, clock: Callable[[], float] = time.time) -> None:
+        self.retention_s = retention_s
+        self.clock = clock
+        self._entries: dict[str, _Entry] = {}
+        self._tombstones: dict[str, float] = {}  # id → forget it at
+        self._lock = threading.Lock()
+        self._next_sweep = 0.0
+
+    def create(self, record: JobRecord, inputs: list[bytes], *, max_queued: int) -> None:
+        with self._lock:
+            self._expire()
+            queued = sum(1 for e in self._entries.values() if e.record.status == "queued")
+            if queued >= max_queued:
+                raise Overloaded(f"{queued} jobs are already queued; retry later", retry_after=5)
+            self._entries[record.id] = _Entry(record.with_(status="queued"), list(inputs))
+
+    def get(self, job_id: str) -> JobRecord:
+        with self._lock:
+            return self._entry(job_id).record
+
+    def inputs(self, job_id: str) -> list[bytes]:
+        with self._lock:
+            return list(self._entry(job_id).inputs)
+
+    def start(self, job_id: str, worker: str) -> str | None:
+        with self._lock:
+            entry = self._entries.get(job_id)
+            if entry is None or entry.record.status != "queued":
+                return None
+            entry.lease = uuid.uuid4().hex
+            entry.heartbeat = self.clock()
+            entry.record = entry.record.with_(
+                status="running",
+                started_at=self.clock(),
+                progress=0.0,
+                attempts=entry.record.attempts + 1,
+                worker=worker,
+            )
+            return entry.lease
+
+    def progress(self, job_id: str, lease: str, value: float | None) -> bool:
+        with self._lock:
+            entry = self._current(job_id, lease)
+            if entry is None:
+                return False
+            entry.heartbeat = self.clock()
+            if value is not None:
+                entry.record = entry.record.with_(progress=min(1.0, max(entry.record.progress, value)))
+            return True
+
+    def finish(
+        self,
+        job_id: str,
+        lease: str,
+        status: JobStatus,
+        *,
+        error: dict[str, Any] | None = None,
+        result: bytes | None = None,
+    ) -> bool:
+        with self._lock:
+            entry = self._current(job_id, lease)
+            if entry is None:
+                return False
+            self._close(entry, status, error)
+            if status == "succeeded":
+                entry.result = result
+                entry.record = entry.record.with_(progress=1.0)
+            return True
+
+    def cancel(self, job_id: str) -> JobRecord:
+        with self._lock:
+            entry = self._entry(job_id)
+            if entry.record.status in ACTIVE:
+                self._close(entry, "cancelled", None)
+            return entry.record
+
+    def result(self, job_id: str) -> bytes:
+        with self._lock:
+            entry = self._entry(job_id)
+            if entry.record.status != "succeeded" or entry.result is None:
+                raise JobNotFinished(_not_finished(entry.record))
+            return entry.result
+
+    def stale(self, lease_s: float) -> list[str]:
+        with self._lock:
+            limit = self.clock() - lease_s
+            return [
+                job_id
+                for job_id, e in self._entries.items()
+                if e.record.status == "running" and e.heartbeat < limit
+            ]
+
+    def recover(self, job_id: str, lease_s: float, max_attempts: int) -> Recovery | None:
+        with self._lock:
+            entry = self._entries.get(job_id)
+            if entry is None or entry.record.status != "running":
+                return None
+            if entry.heartbeat >= self.clock() - lease_s:
+                return None
+            if entry.record.attempts >= max_attempts:
+                self._close(entry, "failed", lost_worker_error(entry.record.attempts, max_attempts))
+                return "failed"
+            entry.lease = None
+            entry.record = entry.record.with_(status="queued", progress=0.0, started_at=None, worker=None)
+            return "requeued"
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            self._expire()
+            out = {"queued": 0, "running": 0}
+            for e in self._entries.values():
+                if e.record.status in out:
+                    out[e.record.status] += 1
+            return out
+
+    def close(self) -> None:
+        pass
+
+    # --- helpers (lock held) ----------------------------------------------------------------------
+    def _entry(self, job_id: str) -> _Entry:
+        check_job_id(job_id)
+        self._expire()
+        entry = self._entries.get(job_id)
+        if entry is not None and self._expired(entry.record, self.clock()):
+            self._bury(job_id, self.clock())
+            entry = None
+        if entry is not None:
+            return entry
+        if job_id in self._tombstones:
+            raise JobExpired(
+                f"job {job_id} finished more than {self.retention_s:g} s ago; its result is gone"
+            )
+        raise JobNotFound(f"no job with id {job_id!r}")
+
+    def _current(self, job_id: str, lease: str) -> _Entry | None:
+        entry = self._entries.get(job_id)
+        if entry is None or entry.record.status != "running" or entry.lease != lease:
+            return None
+        return entry
+
+    def _close(self, entry: _Entry, status: JobStatus, error: dict[str, Any] | None) -> None:
+        entry.record = entry.record.with_(status=status, finished_at=self.clock(), error=error)
+        entry.lease = None
+        if status != "succeeded":
+            entry.inputs = []
+
+    def _expired(self, record: JobRecord, now: float) -> bool:
+        return record.finished_at is not None and record.finished_at + self.retention_s <= now
+
+    def _bury(self, job_id: str, now: float) -> None:
+        del self._entries[job_id]
+        self._tombstones[job_id] = now + tombstone_s(self.retention_s)
+
+    def _expire(self) -> None:
+        """Drop finished jobs past retention and forgotten tombstones (at most once a second)."""
+        now = self.clock()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + 1.0
+        for job_id in [j for j, e in self._entries.items() if self._expired(e.record, now)]:
+            self._bury(job_id, now)
+        for job_id in [j for j, until in self._tombstones.items() if until <= now]:
+            del self._tombstones[job_id]
+
+
+def _not_finished(record: JobRecord) -> str:
+    if record.status in ACTIVE:
+        return f"job {record.id} is {record.status} ({record.progress:.0%}); poll GET /v1/jobs/{record.id}"
+    return f"job {record.id} {record.status}; it has no result"

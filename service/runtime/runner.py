@@ -1,0 +1,216 @@
+"""Running one job: the code both the local worker pool and the Celery worker execute.
+
+``JobRunner.run(job_id)`` takes the job from the store (compare-and-set: a job that was
+cancelled, already taken or is gone is skipped), decodes and preprocesses its images, runs the
+engine over them in groups, reports progress after every chunk of passes, and stores the result
+or a problem object. Between chunks it checks that it still holds the job (a ``DELETE`` or a
+re-queue takes it away) and, on a shared device, lets synchronous requests go first.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from service.config import Settings
+from service.errors import Cancelled, SaliencyError
+from service.explainers import ExplainParams, Explanation, ModelHandle, explain, get_method
+from service.imaging.decode import decode_image
+from service.imaging.geometry import Geometry
+from service.metrics import Metrics
+from service.models.registry import LoadedModel
+from service.runtime.devices import PriorityGate
+from service.runtime.jobstore import JobRecord, JobSpec, JobStatus, JobStore, error_info
+from service.runtime.results import JobResult, concat, encode
+
+log = logging.getLogger(__name__)
+
+# longest a job pauses at one chunk boundary while synchronous requests use its device
+MAX_YIELD_S = 1.0
+# most images in one engine call of a job
+MAX_GROUP_IMAGES = 64
+
+ModelLookup = Callable[[str], tuple[LoadedModel, ModelHandle]]
+
+
+def internal_error(job_id: str) -> dict[str, str]:
+    return {
+        "code": "internal-error",
+        "title": "Internal error",
+        "detail": f"the job failed unexpectedly; quote its id {job_id} when reporting it",
+    }
+
+
+def out_of_memory_error(params: ExplainParams) -> dict[str, str]:
+    return {
+        "code": "out-of-memory",
+        "title": "Out of device memory",
+        "detail": f"the device ran out of memory; submit the job again with a batch_size below {params.batch_size}",
+    }
+
+
+def group_size(spec: JobSpec, params: ExplainParams) -> int:
+    """Images per engine call: enough to fill ``batch_size`` passes, at least one."""
+    per_image = get_method(spec.method).passes(params) * (len(spec.targets) if spec.targets else spec.top_k)
+    return max(1, min(MAX_GROUP_IMAGES, params.batch_size // max(1, per_image)))
+
+
+@dataclass
+class _Lease:
+    """The runner's hold on one job; ``lost`` once the store says the job is no longer ours."""
+
+    job_id: str
+    token: str
+    lost: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class JobRunner:
+    """Executes jobs from ``store`` with the models ``models`` hands out (name → model, replica)."""
+
+    store: JobStore
+    settings: Settings
+    models: ModelLookup
+    worker: str
+    gate: Callable[[ModelHandle], PriorityGate | None] = lambda _h: None
+    metrics: Metrics | None = None
+    heartbeat_s: float | None = None  # a thread refreshes the lease this often (Celery workers)
+    stopping: threading.Event = field(default_factory=threading.Event)
+
+    def run(self, job_id: str) -> JobStatus | None:
+        """Run the job if it is queued; its final status, or ``None`` if it was not ours to run."""
+        if self.stopping.is_set():
+            return None
+        token = self.store.start(job_id, self.worker)
+        if token is None:
+            log.info("job %s is not queued any more; skipped", job_id)
+            return None
+        lease = _Lease(job_id, token)
+        beat = self._heartbeat(lease)
+        try:
+            record = self.store.get(job_id)
+            if self.metrics is not None and record.started_at is not None:
+                self.metrics.queue_wait.labels(kind="job").observe(
+                    max(0.0, record.started_at - record.created_at)
+                )
+            return self._run(record, lease)
+        finally:
+            if beat is not None:
+                beat.set()
+
+    def _run(self, record: JobRecord, lease: _Lease) -> JobStatus | None:
+        spec = record.spec
+        started = time.perf_counter()
+        status: JobStatus
+        try:
+            params = spec.explain_params()
+            loaded, handle = self.models(spec.model)
+            images = self.store.inputs(record.id)
+            if len(images) != spec.images:
+                raise SaliencyError(f"the job's {spec.images} input images are gone from the store")
+            x, geometries = self._prepare(loaded, images)
+            explanation = self._explain(lease, handle, x, spec, params)
+            elapsed_ms = (time.perf_counter() - started) * 1000.0
+            blob = encode(
+                JobResult(explanation, geometries, elapsed_ms), keep_attributions=spec.keep_attributions
+            )
+        except Cancelled:
+            log.info("job %s stopped: %s", record.id, "lost its lease" if lease.lost.is_set() else "shutdown")
+            return None
+        except SaliencyError as exc:
+            log.info("job %s failed: %s", record.id, exc.message)
+            status, error = "failed", error_info(exc)
+        except torch.OutOfMemoryError:
+            log.warning("job %s ran out of device memory", record.id)
+            status, error = "failed", out_of_memory_error(spec.explain_params())
+        except Exception:
+            log.exception("job %s failed unexpectedly", record.id)
+            status, error = "failed", internal_error(record.id)
+        else:
+            ok = self.store.finish(record.id, lease.token, "succeeded", result=blob)
+            log.info("job %s succeeded in %.0f ms%s", record.id, elapsed_ms, "" if ok else " (too late)")
+            return "succeeded" if ok else None
+        return status if self.store.finish(record.id, lease.token, status, error=error) else None
+
+    def _prepare(self, loaded: LoadedModel, images: list[bytes]) -> tuple[Tensor, list[Geometry]]:
+        s = self.settings
+        xs: list[Tensor] = []
+        geometries: list[Geometry] = []
+        for data in images:
+            image = decode_image(
+                data,
+                max_bytes=s.max_upload_bytes,
+                max_pixels=s.max_image_pixels,
+                min_size=s.min_image_size,
+                background=s.overlay_background,
+            )
+            x, geometry = loaded.preprocess(image)
+            xs.append(x)
+            geometries.append(geometry)
+        return torch.stack(xs), geometries
+
+    def _explain(
+        self, lease: _Lease, handle: ModelHandle, x: Tensor, spec: JobSpec, params: ExplainParams
+    ) -> Explanation:
+        n = int(x.shape[0])
+        group = group_size(spec, params)
+        gate = self.gate(handle)
+        done = 0
+
+        def cancelled() -> bool:
+            return lease.lost.is_set() or self.stopping.is_set()
+
+        def progress(fraction: float) -> None:
+            self._report(lease, (done + fraction * min(group, n - done)) / n)
+            if gate is not None:
+                gate.yield_to_foreground(MAX_YIELD_S)
+
+        parts: list[Explanation] = []
+        for start in range(0, n, group):
+            if gate is not None:
+                gate.yield_to_foreground(MAX_YIELD_S)
+            if cancelled():
+                raise Cancelled("the job was cancelled")
+            stop = min(n, start + group)
+            targets = None if spec.targets is None else [spec.targets] * (stop - start)
+            parts.append(
+                explain(
+                    handle,
+                    x[start:stop],
+                    spec.method,
+                    params,
+                    targets=targets,
+                    top_k=spec.top_k,
+                    progress=progress,
+                    cancel=cancelled,
+                )
+            )
+            done = stop
+        return concat(parts)
+
+    def _report(self, lease: _Lease, value: float | None) -> None:
+        try:
+            if not self.store.progress(lease.job_id, lease.token, value):
+                lease.lost.set()
+        except Exception as exc:  # a store hiccup must not fail the job; the lease covers it
+            log.warning("job %s: could not record progress: %r", lease.job_id, exc)
+
+    def _heartbeat(self, lease: _Lease) -> threading.Event | None:
+        """Refresh the lease from a thread of its own, so a long chunk does not look like a dead worker."""
+        if self.heartbeat_s is None:
+            return None
+        stop = threading.Event()
+        interval = self.heartbeat_s
+
+        def beat() -> None:
+            while not stop.wait(interval):
+                self._report(lease, None)
+
+        threading.Thread(target=beat, name=f"heartbeat-{lease.job_id[:8]}", daemon=True).start()
+        return stop
