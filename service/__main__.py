@@ -73,7 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # `saliency worker --pool threads`: options for Celery, which REMAINDER misses
+        if args.command != "worker":
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.worker_args = [*unknown, *args.worker_args]
     try:
         settings = get_settings()
         return int(args.func(settings, args))

@@ -49,7 +49,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     in the lifespan."""
     settings = settings or get_settings()
     metrics = Metrics()
-    executor = Executor(queue_size=settings.sync_queue_size, timeout_s=settings.request_timeout_s)
+    executor = Executor.from_settings(settings, metrics)
     services = Services(settings=settings, metrics=metrics, executor=executor)
 
     @asynccontextmanager

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 
 from service.config import Settings
 from service.errors import NotReady
@@ -56,7 +56,12 @@ def get_registry(services: Annotated[Services, Depends(get_services)]) -> ModelR
     return services.require_registry()
 
 
-def get_model(model: str, registry: Annotated[ModelRegistry, Depends(get_registry)]) -> LoadedModel:
+ModelName = Annotated[
+    str, Path(description="model name (GET /v1/models lists them)", examples=["efficientnet_lite0"])
+]
+
+
+def get_model(model: ModelName, registry: Annotated[ModelRegistry, Depends(get_registry)]) -> LoadedModel:
     """The path parameter ``{model}`` resolved; unknown names raise ``UnknownModel`` (404)."""
     return registry.get(model)
 

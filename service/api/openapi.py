@@ -83,11 +83,18 @@ def image_request_body(
     else:
         form_image = {**binary, "description": "the image file (JPEG, PNG, WebP, BMP, TIFF, GIF)"}
         json_image = b64
+    for prop in form["properties"].values():
+        if "default" not in prop:
+            # Swagger UI pre-fills a form field with a made-up sample (0, "string") unless the
+            # schema gives an example: an empty one keeps optional fields empty (sent as "" and
+            # read as unset by the parser)
+            prop["examples"] = [""]
     form["properties"] = {image_field: form_image, **form["properties"]}
     body["properties"] = {image_field: json_image, **body["properties"]}
     for s in (form, body):
         s["required"] = [image_field, *s["required"]]
-    example = {image_field: [TINY_PNG_BASE64] if many else TINY_PNG_BASE64}
+    defaults = {k: p["default"] for k, p in base["properties"].items() if "default" in p}
+    example = {image_field: [TINY_PNG_BASE64] if many else TINY_PNG_BASE64, **defaults}
     return {
         "requestBody": {
             "required": True,

@@ -115,6 +115,7 @@ def worker_runner(settings: Settings, store: JobStore, registry: Any) -> JobRunn
 
 def worker_argv(settings: Settings, argv: Sequence[str] = ()) -> list[str]:
     """Celery's worker command line; options in ``argv`` come last, so they win."""
+    extra = [a for a in argv if a != "--"]
     return [
         "worker",
         "--pool=solo",
@@ -124,7 +125,7 @@ def worker_argv(settings: Settings, argv: Sequence[str] = ()) -> list[str]:
         "--without-mingle",
         f"--queues={queue_name(settings)}",
         "--hostname=saliency@%h",
-        *argv,
+        *extra,
     ]
 
 
@@ -133,6 +134,9 @@ def run_worker(settings: Settings, argv: Sequence[str] = ()) -> None:
     global _runner
     from service.models.registry import ModelRegistry
 
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     registry = ModelRegistry.from_settings(settings)

@@ -31,7 +31,9 @@ SIZES = [(80, 50), (48, 72), (64, 64)]
 
 @pytest.fixture(scope="module")
 def app(tiny_config: Path) -> FastAPI:
-    settings = make_settings(tiny_config, warmup=False, job_queue_size=3, job_max_images=4, job_retention_s=600)
+    settings = make_settings(
+        tiny_config, warmup=False, job_queue_size=3, job_max_images=4, job_retention_s=600
+    )
     return create_app(settings)
 
 
@@ -111,7 +113,9 @@ def problem(r: Any, status: int) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------
-def test_result_json_one_entry_per_image_and_target_in_upload_order(client: TestClient, images: list[bytes]) -> None:
+def test_result_json_one_entry_per_image_and_target_in_upload_order(
+    client: TestClient, images: list[bytes]
+) -> None:
     job = submit(client, images, method="gradcam", top_k=2)
     assert job["status"] in ("queued", "running") and job["images"] == 3
     done = wait_for(client, job["id"], "succeeded", "failed")
@@ -215,7 +219,9 @@ def test_queued_and_running_jobs_cancel_and_full_queue_is_503(
         # a synchronous request does not wait for the job: it runs on the other replica
         assert held.replica is not held.sync_handle and held.replica.module is held.sync_handle.module
         sync = client.post(
-            "/v1/models/tiny/explain", files={"image": ("x.png", images[0], "image/png")}, data={"format": "json"}
+            "/v1/models/tiny/explain",
+            files={"image": ("x.png", images[0], "image/png")},
+            data={"format": "json"},
         )
         assert sync.status_code == 200
 
@@ -272,7 +278,11 @@ def test_submission_is_validated_before_queueing(client: TestClient, images: lis
 def test_json_body_with_base64_images(client: TestClient, images: list[bytes]) -> None:
     import base64
 
-    payload = {"model": "tiny", "method": "saliency", "images": [base64.b64encode(d).decode() for d in images[:2]]}
+    payload = {
+        "model": "tiny",
+        "method": "saliency",
+        "images": [base64.b64encode(d).decode() for d in images[:2]],
+    }
     r = client.post("/v1/jobs", json=payload)
     assert r.status_code == 202, r.text
     wait_for(client, r.json()["id"], "succeeded")

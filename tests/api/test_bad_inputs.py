@@ -1,0 +1,338 @@
+"""A battery of bad requests: each gets its 4xx problem+json, nothing is a 500, and the service
+still answers correctly afterwards."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from api_helpers import LABELS, decode_png, encode, make_settings, sample_image, upload, wait_ready
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service.api import pipeline
+from service.app import create_app
+from service.errors import DeadlineExceeded, Overloaded
+from service.explainers import method_names
+
+EXPLAIN = "/v1/models/tiny/explain"
+PROBLEM_KEYS = {"type", "title", "status", "detail", "instance"}
+
+
+def assert_problem(r: Any, status: int) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.headers.get("X-Request-ID")
+    body: dict[str, Any] = r.json()
+    assert PROBLEM_KEYS <= set(body)
+    assert body["status"] == status
+    assert isinstance(body["detail"], str) and body["detail"]
+    if status == 422:
+        assert isinstance(body["errors"], list)
+    return body
+
+
+@pytest.fixture
+def still_healthy(client: TestClient, png_bytes: bytes) -> Iterator[None]:
+    yield
+    r = client.post(EXPLAIN, files=upload(png_bytes), data={"format": "json"})
+    assert r.status_code == 200, r.text
+    assert r.json()["explanations"][0]["shape"] == [50, 80]
+
+
+# ------------------------------------------------------------------------------------------------
+# bad bytes
+# ------------------------------------------------------------------------------------------------
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A valid PNG header declaring width×height pixels, with almost no data behind it."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 1024)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+
+
+def sixteen_bit_png() -> bytes:
+    ramp = (np.arange(48 * 64, dtype=np.uint32).reshape(48, 64) * 20).astype(np.uint16)
+    image = Image.fromarray(ramp)
+    assert image.mode.startswith("I;16")
+    return encode(image)
+
+
+def cmyk_jpeg() -> bytes:
+    image = sample_image(64, 48).convert("CMYK")
+    assert image.mode == "CMYK"
+    return encode(image, "JPEG", quality=95)
+
+
+BAD_BYTES = [
+    pytest.param(b"this is plain text, not an image\n" * 4, 415, "unsupported-media-type", id="text-as-image"),
+    pytest.param(encode(sample_image(), "JPEG")[:300], 422, "corrupt-image", id="truncated-jpeg"),
+    pytest.param(png_bomb(), 413, "image-too-large", id="png-bomb"),
+    pytest.param(encode(Image.new("RGB", (1, 1), (9, 9, 9))), 422, "image-too-small", id="1x1"),
+    pytest.param(b"", 422, "corrupt-image", id="empty-file"),
+    pytest.param(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, 422, "corrupt-image", id="broken-png-header"),
+]
+
+
+@pytest.mark.parametrize(("data", "status", "code"), BAD_BYTES)
+@pytest.mark.usefixtures("still_healthy")
+def test_bad_image_bytes(client: TestClient, data: bytes, status: int, code: str) -> None:
+    for route in ("explain", "predict", "compare"):
+        r = client.post(f"/v1/models/tiny/{route}", files=upload(data))
+        body = assert_problem(r, status)
+        assert body["type"].endswith(code)
+
+
+@pytest.mark.parametrize(
+    "data", [pytest.param(sixteen_bit_png(), id="16-bit-png"), pytest.param(cmyk_jpeg(), id="cmyk-jpeg")]
+)
+def test_unusual_modes_are_converted_and_explained(client: TestClient, data: bytes) -> None:
+    r = client.post(EXPLAIN, files=upload(data), data={"format": "json"})
+    assert r.status_code == 200, r.text
+    assert r.json()["explanations"][0]["shape"] == [48, 64]
+    png = client.post(EXPLAIN, files=upload(data, "x.bin", "application/octet-stream"), data={"format": "overlay"})
+    assert png.status_code == 200
+    assert decode_png(png.content).size == (64, 48)
+
+
+# ------------------------------------------------------------------------------------------------
+# bad requests
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.usefixtures("still_healthy")
+def test_empty_body(client: TestClient) -> None:
+    body = assert_problem(client.post(EXPLAIN), 422)
+    assert [e["field"] for e in body["errors"]] == ["image"]
+    assert_problem(client.post(EXPLAIN, json={}), 422)
+    assert_problem(client.post(EXPLAIN, content=b"", headers={"content-type": "application/json"}), 422)
+
+
+@pytest.mark.usefixtures("still_healthy")
+def test_wrong_field_names(client: TestClient, png_bytes: bytes) -> None:
+    body = assert_problem(client.post(EXPLAIN, files={"file": ("a.png", png_bytes, "image/png")}), 422)
+    fields = {e["field"] for e in body["errors"]}
+    assert fields == {"file", "image"}
+    body = assert_problem(client.post(EXPLAIN, files=upload(png_bytes), data={"stepz": "4"}), 422)
+    assert [e["field"] for e in body["errors"]] == ["stepz"]
+    body = assert_problem(client.post(EXPLAIN, data={"image": "not a file"}), 422)
+    assert body["errors"][0]["field"] == "image"
+    body = assert_problem(client.post(EXPLAIN, json={"images": ["aGVsbG8="]}), 422)
+    assert {e["field"] for e in body["errors"]} == {"image", "images"}
+
+
+@pytest.mark.usefixtures("still_healthy")
+def test_bad_json_bodies(client: TestClient) -> None:
+    bad = {"content-type": "application/json"}
+    assert_problem(client.post(EXPLAIN, content=b"{not json", headers=bad), 422)
+    assert_problem(client.post(EXPLAIN, content=b"[1, 2]", headers=bad), 422)
+    body = assert_problem(client.post(EXPLAIN, json={"image": "***not base64***"}), 422)
+    assert body["errors"][0]["field"] == "image"
+    assert_problem(client.post(EXPLAIN, json={"image": 12}), 422)
+    # valid base64 of text: decodes, then is no image
+    assert_problem(client.post(EXPLAIN, json={"image": "aGVsbG8gd29ybGQ="}), 415)
+
+
+@pytest.mark.usefixtures("still_healthy")
+def test_unsupported_content_type(client: TestClient, png_bytes: bytes) -> None:
+    r = client.post(EXPLAIN, content=png_bytes, headers={"content-type": "text/plain"})
+    assert_problem(r, 415)
+
+
+ABSURD = [
+    ({"steps": "100000"}, "steps"),
+    ({"steps": "0"}, "steps"),
+    ({"samples": "100000"}, "samples"),
+    ({"samples": "-1"}, "samples"),
+    ({"noise_level": "abc"}, "noise_level"),
+    ({"noise_level": "5"}, "noise_level"),
+    ({"alpha": "7"}, "alpha"),
+    ({"alpha": "nan"}, "alpha"),
+    ({"top_k": "0"}, "top_k"),
+    ({"top_k": "1000000"}, "top_k"),
+    ({"target": "-1"}, "target"),
+    ({"target": "1.5"}, "target"),
+    ({"seed": "-3"}, "seed"),
+    ({"seed": str(2**70)}, "seed"),
+    ({"batch_size": "0"}, "batch_size"),
+    ({"batch_size": "99999999"}, "batch_size"),
+    ({"baseline": "purple"}, "baseline"),
+    ({"rule": "simpson"}, "rule"),
+    ({"colormap": "rainbow"}, "colormap"),
+    ({"format": "gif"}, "format"),
+    ({"resolution": "huge"}, "resolution"),
+    ({"reduction": "median"}, "reduction"),
+    ({"normalize": "zscore"}, "normalize"),
+    ({"target": "3", "top_k": "2"}, "top_k"),
+]
+
+
+@pytest.mark.parametrize(("data", "field"), ABSURD, ids=[f"{next(iter(d))}={next(iter(d.values()))}" for d, _ in ABSURD])
+@pytest.mark.usefixtures("still_healthy")
+def test_absurd_parameter_values(client: TestClient, png_bytes: bytes, data: dict[str, str], field: str) -> None:
+    body = assert_problem(client.post(EXPLAIN, files=upload(png_bytes), data=data), 422)
+    assert field in {e["field"] for e in body["errors"]}, body
+
+
+@pytest.mark.usefixtures("still_healthy")
+def test_unknown_model_method_layer(client: TestClient, png_bytes: bytes) -> None:
+    body = assert_problem(client.post("/v1/models/nope/explain", files=upload(png_bytes)), 404)
+    assert "tiny" in body["detail"] and "tiny_crop" in body["detail"]
+    assert_problem(client.get("/v1/models/nope"), 404)
+    body = assert_problem(client.post(EXPLAIN, files=upload(png_bytes), data={"method": "magic"}), 422)
+    assert all(name in body["detail"] for name in method_names())
+    assert body["errors"][0]["field"] == "method"
+    body = assert_problem(client.post(EXPLAIN, files=upload(png_bytes), data={"layer": "layer9"}), 422)
+    assert "layer4" in body["detail"] and body["errors"][0]["field"] == "layer"
+    body = assert_problem(
+        client.post("/v1/models/tiny/compare", files=upload(png_bytes), data={"methods": "gradcam,magic"}), 422
+    )
+    assert "magic" in body["detail"]
+
+
+@pytest.mark.usefixtures("still_healthy")
+def test_target_out_of_range(client: TestClient, png_bytes: bytes) -> None:
+    body = assert_problem(client.post(EXPLAIN, files=upload(png_bytes), data={"target": str(len(LABELS))}), 422)
+    assert body["type"].endswith("target-out-of-range")
+    assert body["errors"][0]["field"] == "target"
+    assert_problem(client.post("/v1/models/tiny/predict", files=upload(png_bytes), data={"top_k": "11"}), 422)
+
+
+@pytest.mark.usefixtures("still_healthy")
+def test_accept_negotiation(client: TestClient, png_bytes: bytes) -> None:
+    r = client.post(EXPLAIN, files=upload(png_bytes), headers={"accept": "text/html"})
+    body = assert_problem(r, 406)
+    assert "image/png" in body["detail"]
+    assert_problem(client.post("/v1/models/tiny/predict", files=upload(png_bytes), headers={"accept": "image/png"}), 406)
+    cases = {
+        "application/json": "application/json",
+        "application/x-npy": "application/x-npy",
+        "image/*": "image/png",
+        "*/*": "image/png",
+        "text/html, application/json;q=0.5": "application/json",
+        "image/png;q=0.2, application/json;q=0.9": "application/json",
+        "application/json;q=0, */*": "image/png",
+    }
+    for accept, media in cases.items():
+        r = client.post(EXPLAIN, files=upload(png_bytes), headers={"accept": accept})
+        assert r.status_code == 200 and r.headers["content-type"] == media, accept
+    # format wins over Accept
+    r = client.post(EXPLAIN, files=upload(png_bytes), data={"format": "npy"}, headers={"accept": "image/png"})
+    assert r.headers["content-type"] == "application/x-npy"
+    r = client.post(EXPLAIN, files=upload(png_bytes), data={"format": "json"}, headers={"accept": "text/html"})
+    assert r.status_code == 200
+
+
+@pytest.mark.usefixtures("still_healthy")
+def test_too_heavy_for_a_synchronous_request_points_to_jobs(client: TestClient, png_bytes: bytes) -> None:
+    data = {"method": "integrated_gradients", "steps": "512", "top_k": "10"}  # 5120 passes > 4096
+    body = assert_problem(client.post(EXPLAIN, files=upload(png_bytes), data=data), 422)
+    assert body["type"].endswith("too-heavy") and "/v1/jobs" in body["detail"]
+
+
+@pytest.mark.usefixtures("still_healthy")
+def test_unknown_route_and_method_not_allowed(client: TestClient) -> None:
+    body = assert_problem(client.get("/v1/nothing-here"), 404)
+    assert body["type"] == "about:blank"
+    r = client.delete("/v1/models")
+    assert_problem(r, 405)
+    assert "GET" in r.headers["allow"]
+    assert_problem(client.get("/v1/models/tiny/explain"), 405)
+
+
+def test_request_id_is_echoed_or_made(client: TestClient, png_bytes: bytes) -> None:
+    assert client.get("/healthz", headers={"X-Request-ID": "abc-123"}).headers["X-Request-ID"] == "abc-123"
+    made = client.get("/healthz").headers["X-Request-ID"]
+    assert len(made) >= 16
+    r = client.post("/v1/models/nope/explain", files=upload(png_bytes), headers={"X-Request-ID": "err-1"})
+    assert r.headers["X-Request-ID"] == "err-1"
+    # an id that could break logs or headers is replaced
+    assert client.get("/healthz", headers={"X-Request-ID": "a b\tc"}).headers["X-Request-ID"] != "a b\tc"
+
+
+# ------------------------------------------------------------------------------------------------
+# limits, overload, deadlines, bugs
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_client(tiny_config: Path) -> Iterator[TestClient]:
+    app = create_app(make_settings(tiny_config, max_upload_bytes=4096))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        wait_ready(c)
+        yield c
+
+
+def test_upload_over_the_limit_is_413(small_client: TestClient) -> None:
+    big = encode(sample_image(400, 300, seed=1))  # ~300 kB of noisy PNG
+    assert len(big) > 100_000
+    assert_problem(small_client.post(EXPLAIN, files=upload(big)), 413)  # Content-Length over the body limit
+    # a file under the body limit but over the upload limit
+    medium = encode(sample_image(80, 60, seed=2))
+    assert 4096 < len(medium) < 60_000
+    assert_problem(small_client.post(EXPLAIN, files=upload(medium)), 413)
+
+
+def test_streamed_body_without_length_is_counted(small_client: TestClient) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b'{"image": "'
+        for _ in range(200):
+            yield b"A" * 1024
+        yield b'"}'
+
+    r = small_client.post(EXPLAIN, content=chunks(), headers={"content-type": "application/json"})
+    assert "content-length" not in {k.lower() for k in r.request.headers}
+    assert_problem(r, 413)
+    small = encode(sample_image(16, 16))
+    assert small_client.post(EXPLAIN, files=upload(small)).status_code == 200
+
+
+def test_overloaded_is_503_with_retry_after(client: TestClient, png_bytes: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    executor = client.app.state.services.executor  # type: ignore[attr-defined]
+
+    async def full(*args: Any, **kwargs: Any) -> Any:
+        raise Overloaded("queue full", retry_after=3)
+
+    monkeypatch.setattr(executor, "explain", full)
+    r = client.post(EXPLAIN, files=upload(png_bytes))
+    assert_problem(r, 503)
+    assert r.headers["Retry-After"] == "3"
+
+
+def test_deadline_is_504(client: TestClient, png_bytes: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    executor = client.app.state.services.executor  # type: ignore[attr-defined]
+
+    async def late(*args: Any, **kwargs: Any) -> Any:
+        raise DeadlineExceeded("too slow")
+
+    monkeypatch.setattr(executor, "predict", late)
+    assert_problem(client.post("/v1/models/tiny/predict", files=upload(png_bytes)), 504)
+
+
+def test_a_bug_is_a_500_without_internals(client: TestClient, png_bytes: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def boom(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("secret detail in /opt/private/path.py")
+
+    monkeypatch.setattr(pipeline, "explain", boom)
+    r = client.post(EXPLAIN, files=upload(png_bytes), headers={"X-Request-ID": "bug-1"})
+    body = assert_problem(r, 500)
+    assert r.headers["X-Request-ID"] == "bug-1"
+    assert "secret" not in r.text and "/opt" not in r.text and "Traceback" not in r.text
+    assert body["type"].endswith("internal-error")
+    monkeypatch.undo()
+    assert client.post(EXPLAIN, files=upload(png_bytes)).status_code == 200
+
+
+def test_no_5xx_for_random_bytes(client: TestClient) -> None:
+    rng = np.random.default_rng(5)
+    prefixes = [b"", b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF89a", b"BM", b"II*\x00", b"RIFF\x00\x00\x00\x00WEBP"]
+    for i in range(21):
+        data = prefixes[i % len(prefixes)] + rng.bytes(int(rng.integers(1, 2000)))
+        r = client.post("/v1/models/tiny/predict", files=upload(data))
+        assert 400 <= r.status_code < 500, (i, r.status_code, r.text)
+        assert r.headers["content-type"] == "application/problem+json"
+    assert client.get("/healthz").status_code == 200
