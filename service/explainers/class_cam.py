@@ -13,6 +13,7 @@ to ``gradcam``.
 
 from __future__ import annotations
 
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import ClassVar
@@ -36,6 +37,7 @@ class CamHead:
 
 # prepared model → {layer name → head or None}; weak so dropped models take their entry with them
 _HEADS: weakref.WeakKeyDictionary[nn.Module, dict[str, CamHead | None]] = weakref.WeakKeyDictionary()
+_HEADS_LOCK = threading.Lock()  # the cache is shared by every handle; detection runs under the handle's lock
 
 
 def detect_head(model: nn.Module, layer: str, example: Tensor) -> CamHead | None:
@@ -89,13 +91,17 @@ def cam_head(handle: ModelHandle, layer: str) -> CamHead | None:
     """The verified head of ``handle``'s model for ``layer`` (measured once, then cached)."""
     with handle.lock:
         model = handle.prepared(keep=layer)
-        per_model = _HEADS.setdefault(model, {})
-        if layer not in per_model:
-            example = torch.randn(
-                2, *handle.input_example().shape[1:], generator=torch.Generator().manual_seed(0)
-            ).to(handle.device)
-            per_model[layer] = detect_head(model, layer, example)
-        return per_model[layer]
+        with _HEADS_LOCK:
+            per_model = _HEADS.setdefault(model, {})
+            if layer in per_model:
+                return per_model[layer]
+        example = torch.randn(
+            2, *handle.input_example().shape[1:], generator=torch.Generator().manual_seed(0)
+        ).to(handle.device)
+        head = detect_head(model, layer, example)
+        with _HEADS_LOCK:
+            per_model[layer] = head
+        return head
 
 
 def supports_cam(handle: ModelHandle, layer: str | None = None) -> bool:

@@ -7,6 +7,8 @@ from torch import Tensor, nn
 
 from service.errors import UnknownLayer
 
+_HEAD_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
 
 def layer_names(model: nn.Module) -> list[str]:
     """Every named submodule, in definition order (the root, named '', excluded)."""
@@ -26,15 +28,18 @@ def get_layer(model: nn.Module, name: str) -> nn.Module:
 def find_target_layer(model: nn.Module, example: Tensor) -> str:
     """The last module, in execution order, whose output is a spatial feature map (N, C, h, w), h·w > 1.
 
-    That is the map the classifier head pools (``layer4`` of a ResNet, ``features`` of a DenseNet,
-    ``bn2`` of timm's EfficientNet). Containers finish after their children, so the outermost
-    module that returns the final map wins.
+    That is the map the classifier head pools (``layer4`` of a ResNet, ``features`` of a DenseNet
+    or VGG, ``bn2`` of timm's EfficientNet). Containers finish after their children, so the outermost
+    module that returns the final map wins. Adaptive pooling modules belong to the head (VGG's
+    ``avgpool`` resizes to 7×7 before the classifier) and are skipped.
     """
     order: list[str] = []
     handles = []
 
     def make(name: str):  # type: ignore[no-untyped-def]
-        def hook(_m: nn.Module, _i: object, out: object) -> None:
+        def hook(m: nn.Module, _i: object, out: object) -> None:
+            if isinstance(m, _HEAD_POOLS):
+                return
             if isinstance(out, Tensor) and out.dim() == 4 and out.shape[2] * out.shape[3] > 1:
                 order.append(name)
 

@@ -156,7 +156,9 @@ class IntegratedGradients(PixelMethod):
     description = "Gradients integrated along the straight path from a baseline image to the input."
     paper = "https://arxiv.org/abs/1703.01365"
     signed = True
-    uses: ClassVar[frozenset[str]] = frozenset({"steps", "baseline", "rule", "seed", "batch_size", "autocast"})
+    uses: ClassVar[frozenset[str]] = frozenset(
+        {"steps", "baseline", "rule", "seed", "batch_size", "autocast"}
+    )
 
     def check(self, handle: ModelHandle, params: ExplainParams) -> None:
         integration_rule(params.rule, params.steps)

@@ -1,8 +1,9 @@
 """Dynamic batching of synchronous explain requests.
 
 Concurrent requests for the same model, method and parameters are gathered for up to a short
-delay (measured from the arrival of the oldest one) and up to a maximum number of images, run as
-one engine call, and split back per request with ``Explanation.select``.
+delay (measured from the arrival of the oldest one; see ``BatchQueue`` for when it waits at all)
+and up to a maximum number of images, run as one engine call, and split back per request with
+``Explanation.select``.
 
 Which requests may share a call (``batch_key``):
 
@@ -21,6 +22,7 @@ sizes and arrival times, so it is tested on its own.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -60,8 +62,11 @@ class BatchQueue(Generic[Q]):
 
     A batch is the head item and, in arrival order, every queued item with the same key that
     still fits under ``max_size`` images. When the batch is not full, ``take`` waits until
-    ``max_delay_s`` after the head's arrival for more to come (no wait when the head already
-    waited that long, e.g. while the device was busy). Items whose future was cancelled are
+    ``max_delay_s`` after the head's arrival for more to come — but only while requests of that
+    key arrive less than ``max_delay_s`` apart (the head came within ``max_delay_s`` of the one
+    before it). A lone request, or one of a sequential client, runs at once instead of paying
+    the delay for companions that are not coming; under concurrent load the requests that
+    queued while the device was busy are gathered anyway. Items whose future was cancelled are
     dropped. ``take`` returns ``None`` once the queue is closed and empty.
     """
 
@@ -74,6 +79,8 @@ class BatchQueue(Generic[Q]):
         self._items: deque[Q] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._last_arrival: dict[Hashable, float] = {}  # key → when its latest item arrived
+        self._gap: dict[int, float] = {}  # id(item) → time since the previous item of its key
 
     def __len__(self) -> int:
         with self._cond:
@@ -83,6 +90,12 @@ class BatchQueue(Generic[Q]):
         with self._cond:
             if self._closed:
                 raise RuntimeError("the queue is closed")
+            if item.key is not None:
+                if len(self._last_arrival) > 4096:
+                    self._last_arrival.clear()
+                previous = self._last_arrival.get(item.key)
+                self._last_arrival[item.key] = item.enqueued
+                self._gap[id(item)] = math.inf if previous is None else item.enqueued - previous
             self._items.append(item)
             self._cond.notify_all()
 
@@ -92,6 +105,7 @@ class BatchQueue(Generic[Q]):
             self._closed = True
             left = list(self._items)
             self._items.clear()
+            self._gap.clear()
             self._cond.notify_all()
             return left
 
@@ -99,18 +113,19 @@ class BatchQueue(Generic[Q]):
         with self._cond:
             while True:
                 while self._items and self._items[0].future.cancelled():
-                    self._items.popleft()
+                    self._gap.pop(id(self._items.popleft()), None)
                 if self._items:
                     break
                 if self._closed:
                     return None
                 self._cond.wait()
             head = self._items.popleft()
+            gap = self._gap.pop(id(head), math.inf)
             batch = [head]
             if head.key is None or self.max_size <= 1:
                 return batch
             total = head.size
-            deadline = head.enqueued + self.max_delay_s
+            deadline = head.enqueued + (self.max_delay_s if gap <= self.max_delay_s else 0.0)
             while True:
                 total = self._gather(head.key, batch, total)
                 remaining = deadline - self._clock()
@@ -122,8 +137,10 @@ class BatchQueue(Generic[Q]):
         kept: deque[Q] = deque()
         for item in self._items:
             if item.future.cancelled():
+                self._gap.pop(id(item), None)
                 continue
             if item.key == key and total + item.size <= self.max_size:
+                self._gap.pop(id(item), None)
                 batch.append(item)
                 total += item.size
             else:

@@ -191,7 +191,7 @@ def test_a_killed_worker_leads_to_redelivery_then_to_a_clear_failure(
     env = service_env(**settings)
     store = make_store(Settings(**settings))
     # 1. the worker dies mid-job: the job is re-queued and the next worker finishes it
-    shorter = submit(client, [png(1), png(2)], **LONG)
+    shorter = submit(client, [png(1), png(2)], **{**LONG, "steps": "160"})
     workers.append(start_worker(env, tmp_path / "w1.log", "k1"))
     wait_progress(client, shorter["id"])
     workers[-1].kill()
@@ -227,7 +227,7 @@ def test_restarting_the_api_loses_no_job(
     try:
         with httpx.Client(base_url=base, timeout=30) as http:
             small = submit(http, [png(3)], method="gradcam")
-            long = submit(http, [png(i) for i in range(2)], **LONG)
+            long = submit(http, [png(i) for i in range(2)], **{**LONG, "steps": "256"})
     finally:
         api.kill()  # SIGKILL: nothing is flushed on the way out
     # queued jobs survive the API: a new one knows them

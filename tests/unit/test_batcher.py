@@ -60,11 +60,24 @@ def inputs() -> torch.Tensor:
     return torch.randn(N, 3, 24, 24, generator=torch.Generator().manual_seed(1))
 
 
-def run_concurrently(executor: Executor, calls: list[dict[str, object]]) -> list[object]:
-    async def main() -> list[object]:
-        return await asyncio.gather(*[executor.explain(**c) for c in calls], return_exceptions=True)  # type: ignore[arg-type]
+def run_concurrently(executor: Executor, handle: ModelHandle, calls: list[dict[str, object]]) -> list[object]:
+    """Submit every call while the device is busy, then let it go: all of them are queued when the
+    worker next takes a batch, so how they are batched does not depend on timing."""
+    _, release = block_device(executor, handle)
 
-    return asyncio.run(main())
+    async def main() -> list[object]:
+        tasks = [asyncio.ensure_future(executor.explain(**c)) for c in calls]  # type: ignore[arg-type]
+        for _ in range(100_000):
+            if executor.waiting(handle) == len(calls):
+                break
+            await asyncio.sleep(0.001)
+        release.set()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    try:
+        return asyncio.run(main())
+    finally:
+        release.set()
 
 
 def batch_sizes(metrics: Metrics) -> tuple[float, float]:
@@ -75,8 +88,7 @@ def batch_sizes(metrics: Metrics) -> tuple[float, float]:
 
 
 def batching_executor(metrics: Metrics, size: int = N) -> Executor:
-    # a long delay and a batch size of exactly the request count: the batch is dispatched when full,
-    # so all N requests share one engine call without depending on timing
+    # a batch size of exactly the request count and a long delay: nothing is dispatched half-full
     return Executor(batching=True, batch_max_delay_ms=60_000, batch_max_size=size, metrics=metrics)
 
 
@@ -102,7 +114,7 @@ def test_batched_results_equal_each_request_alone(
             }
             for i in range(N)
         ]
-        results = run_concurrently(executor, calls)
+        results = run_concurrently(executor, handle, calls)
     finally:
         executor.shutdown()
     assert batch_sizes(metrics) == (1.0, float(N)), "the requests did not share one engine call"
@@ -133,7 +145,7 @@ def test_top_k_requests_batch_and_keep_their_own_top_classes(
             {"handle": handle, "x": inputs[i : i + 1], "method": "gradcam", "params": params, "top_k": 2}
             for i in range(N)
         ]
-        results = run_concurrently(executor, calls)
+        results = run_concurrently(executor, handle, calls)
     finally:
         executor.shutdown()
     assert batch_sizes(metrics) == (1.0, float(N))
@@ -160,7 +172,7 @@ def test_one_bad_request_does_not_fail_the_batch(handle: ModelHandle, inputs: to
             }
             for i in range(N)
         ]
-        results = run_concurrently(executor, calls)
+        results = run_concurrently(executor, handle, calls)
     finally:
         executor.shutdown()
     assert isinstance(results[2], TargetOutOfRange)
@@ -179,7 +191,7 @@ def test_noise_requests_without_seed_run_alone(handle: ModelHandle, inputs: torc
             {"handle": handle, "x": inputs[:1], "method": "smoothgrad", "params": ExplainParams(samples=2)}
             for _ in range(3)
         ]
-        results = run_concurrently(executor, calls)
+        results = run_concurrently(executor, handle, calls)
     finally:
         executor.shutdown()
     assert batch_sizes(metrics) == (3.0, 3.0)
@@ -277,15 +289,31 @@ def test_queue_drops_cancelled_items_and_ends_when_closed() -> None:
         q.put(Item("a"))
 
 
-def test_queue_waits_for_more_until_the_batch_is_full() -> None:
-    q: BatchQueue[Item] = BatchQueue(max_size=3, max_delay_s=600.0)
-    q.put(Item("a", enqueued=time.monotonic(), name="first"))
+def take_in_thread(q: BatchQueue[Item]) -> tuple[threading.Thread, list[list[Item] | None]]:
     taken: list[list[Item] | None] = []
     consumer = threading.Thread(target=lambda: taken.append(q.take()))
     consumer.start()
+    return consumer, taken
+
+
+def test_a_lone_request_runs_at_once() -> None:
+    q: BatchQueue[Item] = BatchQueue(max_size=8, max_delay_s=600.0)
+    q.put(Item("a", enqueued=time.monotonic(), name="lone"))  # first of its key: no companion in sight
+    consumer, taken = take_in_thread(q)
+    consumer.join(60)
+    assert not consumer.is_alive() and names(taken[0]) == ["lone"]
+
+
+def test_a_burst_waits_for_more_until_the_batch_is_full() -> None:
+    q: BatchQueue[Item] = BatchQueue(max_size=3, max_delay_s=600.0)
+    now = time.monotonic()
+    q.put(Item("a", enqueued=now, name="earlier"))
+    assert names(q.take()) == ["earlier"]
+    q.put(Item("a", enqueued=now + 0.001, name="first"))  # 1 ms after the previous one: a burst
+    consumer, taken = take_in_thread(q)
     q.put(Item("b", name="other"))
-    q.put(Item("a", name="second"))
-    q.put(Item("a", name="third"))  # the batch is full: take returns long before the delay
+    q.put(Item("a", enqueued=now + 0.002, name="second"))
+    q.put(Item("a", enqueued=now + 0.003, name="third"))  # full: take returns long before the delay
     consumer.join(60)
     assert not consumer.is_alive()
     assert names(taken[0]) == ["first", "second", "third"]
@@ -295,8 +323,11 @@ def test_queue_waits_for_more_until_the_batch_is_full() -> None:
 def test_queue_does_not_wait_for_an_item_that_already_waited() -> None:
     clock = [1000.0]
     q: BatchQueue[Item] = BatchQueue(max_size=8, max_delay_s=0.005, clock=lambda: clock[0])
+    q.put(Item("a", enqueued=989.999, name="before"))
     q.put(Item("a", enqueued=990.0, name="old"))
-    assert names(q.take()) == ["old"]
+    assert names(q.take()) == ["before", "old"]
+    q.put(Item("a", enqueued=990.001, name="late"))  # a burst, but it has waited 10 s already
+    assert names(q.take()) == ["late"]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The CAM family on models small enough to work out by hand, plus the identities between methods.
 
-The hand model (``TinyCam``): a 1×1 convolution reading only the first input channel,
+The hand model (``TinyCam``): a 1×1 convolution reading only the first of three input channels
+(a ``ModelHandle`` describes RGB inputs; the other two channels are noise the weights ignore),
 ``c1 = x``, ``c2 = 1 − x``; ReLU; global average pooling; a linear layer
 ``y0 = 2·p1 − p2 + 0.5``, ``y1 = −p1 + 3·p2``. The target layer is the ReLU, so the maps are
 4×4 like the input and the engine does no upsampling: every number below is exact.
@@ -16,6 +17,7 @@ Gradients at the layer are constant per channel: ∂y_c/∂f_k(x,y) = W[c,k] / 1
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -36,7 +38,9 @@ CAM1 = torch.tensor([[-2.0, 3, -1, 6], [3, -3, 3, -1], [9, -1, 3, -2], [-1, 3, 6
 
 
 class TinyCam(nn.Module):
-    def __init__(self, conv_weight: tuple[float, float] = (1.0, -1.0), conv_bias: tuple[float, float] = (0, 1)):
+    def __init__(
+        self, conv_weight: tuple[float, float] = (1.0, -1.0), conv_bias: tuple[float, float] = (0, 1)
+    ):
         super().__init__()
         self.conv = nn.Conv2d(3, 2, kernel_size=1)
         self.act = nn.ReLU()
@@ -67,8 +71,8 @@ def tiny_handle(**kw: tuple[float, float]) -> ModelHandle:
     return ModelHandle(TinyCam(**kw).eval(), target_layer="act", name="tiny")
 
 
-def maps(handle: ModelHandle, method: str, x: Tensor, targets: list[int], **params: object) -> Tensor:
-    return explain(handle, x, method, ExplainParams(**params), targets=[targets]).maps[0]  # type: ignore[arg-type]
+def maps(handle: ModelHandle, method: str, x: Tensor, targets: list[int], **params: Any) -> Tensor:
+    return explain(handle, x, method, ExplainParams(**params), targets=[targets]).maps[0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -304,7 +308,10 @@ class SmallCnn(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 3, stride=2, padding=1), nn.ReLU()
+            nn.Conv2d(3, 8, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(8, 6, 3, stride=2, padding=1),
+            nn.ReLU(),
         )
         self.fc = nn.Linear(6, 5)
 
@@ -326,7 +333,9 @@ def test_scorecam_does_not_depend_on_batch_size_or_on_sharing_an_image() -> None
 def test_scorecam_progress_counts_the_real_passes() -> None:
     handle = tiny_handle()
     seen: list[float] = []
-    explain(handle, tiny_input(), "scorecam", ExplainParams(batch_size=1), targets=[[0, 1]], progress=seen.append)
+    explain(
+        handle, tiny_input(), "scorecam", ExplainParams(batch_size=1), targets=[[0, 1]], progress=seen.append
+    )
     # one activation pass for the (shared) image, then one per non-constant channel (2)
     assert seen == pytest.approx([1 / 3, 2 / 3, 1.0])
 

@@ -66,7 +66,9 @@ def models() -> Iterator[dict[str, ModelHandle]]:
     # optimize=False: the references run the unmodified model, so both sides do the same arithmetic.
     # (BatchNorm folding changes activations by float32 rounding, which XGrad-CAM's 1/ΣA amplifies
     # on DenseNet's signed maps to ~5e-4.) The Captum test also runs the optimised copy.
-    handles = {name: ModelHandle(build(name), name=name, optimize=False) for name in ("resnet18", "densenet121")}
+    handles = {
+        name: ModelHandle(build(name), name=name, optimize=False) for name in ("resnet18", "densenet121")
+    }
     handles["resnet18-optimized"] = ModelHandle(handles["resnet18"].module, name="resnet18")
     yield handles
 
@@ -129,7 +131,9 @@ def classifier_targets(targets: list[int]) -> list[ClassifierOutputTarget]:
 # Grad-CAM versus Captum
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    ("model", "layer"), [*CASES, ("resnet18-optimized", "layer3")], ids=[*CASE_IDS, "resnet18-optimized-layer3"]
+    ("model", "layer"),
+    [*CASES, ("resnet18-optimized", "layer3")],
+    ids=[*CASE_IDS, "resnet18-optimized-layer3"],
 )
 def test_gradcam_matches_captum(models: dict[str, ModelHandle], model: str, layer: str) -> None:
     handle, x = models[model], images()
@@ -159,7 +163,9 @@ def test_gradient_cams_match_pytorch_grad_cam(
     models: dict[str, ModelHandle], model: str, layer: str, method: str
 ) -> None:
     handle, x = models[model], images()
-    raw, _, _ = reference_raw(GRADIENT_REFERENCES[method], handle.module, layer, x, classifier_targets(TARGETS))
+    raw, _, _ = reference_raw(
+        GRADIENT_REFERENCES[method], handle.module, layer, x, classifier_targets(TARGETS)
+    )
     expected = upsample(raw.clamp(min=0), (64, 64))  # its ReLU, then our bilinear upsampling
     assert_maps_close(ours(handle, method, x, layer, TARGETS), expected)
 
@@ -244,7 +250,9 @@ def test_scorecam_matches_pytorch_grad_cam(
     )
     raw, act, _ = reference_raw(ScoreCAM, handle.module, layer, x, [LogProbability(c) for c in target])
     constant = act.flatten(2).amax(dim=2) == act.flatten(2).amin(dim=2)
-    assert bool((act.flatten(2)[constant] == 0).all()), "non-zero constant channels would be weighted differently"
+    assert bool((act.flatten(2)[constant] == 0).all()), (
+        "non-zero constant channels would be weighted differently"
+    )
     expected = upsample(raw.clamp(min=0), (32, 32))
     got = ours(handle, "scorecam", x, layer, target)
     assert_maps_close(got / got.max(), expected / expected.max())

@@ -308,7 +308,9 @@ def test_guided_gradcam_is_guided_backprop_times_bilinear_gradcam(
     targets = [[4], [9]]
     e = explain(handle, x, "guided_gradcam", ExplainParams(layer="layer4", batch_size=1), targets=targets)
     algo = GuidedGradCam(reference, reference.layer4)
-    bilinear = algo.attribute(x.clone().requires_grad_(True), target=[4, 9], interpolate_mode="bilinear").detach()
+    bilinear = algo.attribute(
+        x.clone().requires_grad_(True), target=[4, 9], interpolate_mode="bilinear"
+    ).detach()
     nearest = algo.attribute(x.clone().requires_grad_(True), target=[4, 9]).detach()
     assert e.attributions is not None
     ours = e.attributions[:, 0]

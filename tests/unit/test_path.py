@@ -56,7 +56,12 @@ def test_trapezoid_needs_two_steps() -> None:
         integration_rule("riemann_trapezoid", 1)
     handle = ModelHandle(module=Cube(), mean=(0.0,), std=(1.0,), optimize=False)
     with pytest.raises(InvalidParameter, match="steps"):
-        explain(handle, torch.ones(1, 1, 1, 1), "integrated_gradients", ExplainParams(rule="riemann_trapezoid", steps=1))
+        explain(
+            handle,
+            torch.ones(1, 1, 1, 1),
+            "integrated_gradients",
+            ExplainParams(rule="riemann_trapezoid", steps=1),
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -70,7 +75,9 @@ class Cube(nn.Module):
 
 
 def ig(handle: ModelHandle, x: Tensor, **params: object) -> tuple[Tensor, Tensor]:
-    e = explain(handle, x, "integrated_gradients", ExplainParams(seed=0, **params), targets=[[0]] * x.shape[0])  # type: ignore[arg-type]
+    e = explain(
+        handle, x, "integrated_gradients", ExplainParams(seed=0, **params), targets=[[0]] * x.shape[0]
+    )  # type: ignore[arg-type]
     assert e.attributions is not None and e.completeness_delta is not None
     return e.attributions[:, 0], e.completeness_delta[:, 0]
 
@@ -209,7 +216,10 @@ def test_gaussian_blur() -> None:
     flat = torch.full((1, 3, 12, 12), 0.3)
     torch.testing.assert_close(gaussian_blur(flat, 4.0), flat)
     p = torch.rand(1, 3, 12, 12)
-    mean, std = torch.tensor([0.4, 0.5, 0.6]).view(1, 3, 1, 1), torch.tensor([0.2, 0.3, 0.25]).view(1, 3, 1, 1)
+    mean, std = (
+        torch.tensor([0.4, 0.5, 0.6]).view(1, 3, 1, 1),
+        torch.tensor([0.2, 0.3, 0.25]).view(1, 3, 1, 1),
+    )
     torch.testing.assert_close(gaussian_blur((p - mean) / std, 2.0), (gaussian_blur(p, 2.0) - mean) / std)
 
 
@@ -284,7 +294,9 @@ def _mnasnet() -> nn.Module:
 
 
 @pytest.fixture(scope="module", params=["resnet18", "mnasnet0_5"])
-def zoo(request: pytest.FixtureRequest, resnet18: tuple[ModelHandle, nn.Module]) -> tuple[ModelHandle, nn.Module]:
+def zoo(
+    request: pytest.FixtureRequest, resnet18: tuple[ModelHandle, nn.Module]
+) -> tuple[ModelHandle, nn.Module]:
     if request.param == "resnet18":
         return resnet18
     model = _mnasnet()
@@ -391,7 +403,9 @@ def test_results_do_not_depend_on_the_batch(resnet18: tuple[ModelHandle, nn.Modu
     x = torch.randn(3, 3, 32, 32)
     for baseline in ("uniform", "blur"):
         params = ExplainParams(steps=4, baseline=baseline, seed=5)  # type: ignore[arg-type]
-        together = explain(handle, x, "integrated_gradients", params.with_(batch_size=5), targets=[[1], [2], [3]])
+        together = explain(
+            handle, x, "integrated_gradients", params.with_(batch_size=5), targets=[[1], [2], [3]]
+        )
         alone = explain(handle, x[1:2], "integrated_gradients", params.with_(batch_size=1), targets=[[2]])
         assert together.attributions is not None and alone.attributions is not None
         close(alone.attributions[0], together.attributions[1], rel=1e-5)
