@@ -17,6 +17,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -33,6 +34,16 @@ _SANE_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
 
 class BodyTooLarge(PayloadTooLarge):
     """Raised from ``receive`` once the streamed body passes the limit."""
+
+
+@dataclass
+class _Exchange:
+    """What the middleware knows about the response so far."""
+
+    status: int = 500
+    started: bool = False  # the response head went out
+    overflow: bool = False  # the body passed the limit
+    swallow: bool = False  # drop the app's own response (a 413 was sent instead)
 
 
 class EdgeMiddleware:
@@ -52,21 +63,21 @@ class EdgeMiddleware:
         instance = scope.get("path", "/")
         limit = self.max_body_bytes(scope)
         started = time.perf_counter()
-        state = {"status": 500, "started": False, "overflow": False, "swallow": False}
+        state = _Exchange()
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
-                if state["overflow"] and message["status"] != 413:
+                if state.overflow and message["status"] != 413:
                     # the route turned the aborted read into something else: answer 413 regardless
-                    state["swallow"] = True
+                    state.swallow = True
                     await _send_response(send, _too_large(limit, instance), request_id)
-                    state["started"] = True
-                    state["status"] = 413
+                    state.started = True
+                    state.status = 413
                     return
-                state["started"] = True
-                state["status"] = message["status"]
+                state.started = True
+                state.status = message["status"]
                 MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
-            elif state["swallow"]:
+            elif state.swallow:
                 return
             await send(message)
 
@@ -78,30 +89,30 @@ class EdgeMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    state["overflow"] = True
+                    state.overflow = True
                     raise BodyTooLarge(f"the request body exceeds the limit of {limit} bytes")
             return message
 
         try:
             length = headers.get("content-length")
             if length is not None and length.isdigit() and int(length) > limit:
-                state["started"] = True
-                state["status"] = 413
+                state.started = True
+                state.status = 413
                 await _send_response(send, _too_large(limit, instance), request_id)
                 return
             await self.app(scope, receive_wrapper, send_wrapper)
         except BodyTooLarge:
-            if not state["started"]:
-                state["status"] = 413
+            if not state.started:
+                state.status = 413
                 await _send_response(send, _too_large(limit, instance), request_id)
         except Exception:
             log.exception("unhandled error on %s %s (request %s)", scope.get("method"), instance, request_id)
-            if state["started"]:
+            if state.started:
                 raise
-            state["status"] = 500
+            state.status = 500
             await _send_response(send, problems.internal_error(instance), request_id)
         finally:
-            self._observe(scope, int(state["status"]), time.perf_counter() - started)
+            self._observe(scope, state.status, time.perf_counter() - started)
 
     def _observe(self, scope: Scope, status: int, seconds: float) -> None:
         route = scope.get("route")

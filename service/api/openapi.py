@@ -39,9 +39,7 @@ ORDER = (
 )
 
 # a valid 16×16 PNG (a colour ramp): the JSON example Swagger UI pre-fills
-TINY_PNG_BASE64 = (
-    "iVBORw0KGgoAAAANSUhEUgAAABAAAAAQCAIAAACQkWg2AAAAHElEQVR42mNkYGAQIAWxMDAIMJACRjWMahg6GgCWfAIezUhyVgAAAABJRU5ErkJggg=="
-)
+TINY_PNG_BASE64 = "iVBORw0KGgoAAAANSUhEUgAAABAAAAAQCAIAAACQkWg2AAAAHElEQVR42mNkYGAQIAWxMDAIMJACRjWMahg6GgCWfAIezUhyVgAAAABJRU5ErkJggg=="
 
 
 def _flatten(prop: dict[str, Any]) -> dict[str, Any]:
@@ -78,7 +76,11 @@ def image_request_body(
     form = copy.deepcopy(base)
     body = copy.deepcopy(base)
     if many:
-        form_image: dict[str, Any] = {"type": "array", "items": binary, "description": "image files (repeat the field)"}
+        form_image: dict[str, Any] = {
+            "type": "array",
+            "items": binary,
+            "description": "image files (repeat the field)",
+        }
         json_image: dict[str, Any] = {"type": "array", "items": b64, "minItems": 1}
     else:
         form_image = {**binary, "description": "the image file (JPEG, PNG, WebP, BMP, TIFF, GIF)"}
@@ -110,12 +112,18 @@ PNG_DOC = {"schema": {"type": "string", "format": "binary"}, "example": "(a PNG 
 NPY_DOC = {"schema": {"type": "string", "format": "binary"}, "example": "(a NumPy .npy file)"}
 IMAGE_HEADERS = {
     "X-Target-Index": {"description": "class index explained", "schema": {"type": "integer"}},
-    "X-Target-Label": {"description": "its label (percent-encoded if not ASCII)", "schema": {"type": "string"}},
+    "X-Target-Label": {
+        "description": "its label (percent-encoded if not ASCII)",
+        "schema": {"type": "string"},
+    },
     "X-Target-Score": {"description": "its softmax probability", "schema": {"type": "number"}},
     "X-Elapsed-Ms": {"description": "time spent on the request", "schema": {"type": "number"}},
 }
 
-_PROBLEM = {"model": Problem, "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+_PROBLEM = {
+    "model": Problem,
+    "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
+}
 
 
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:

@@ -100,15 +100,11 @@ class TargetOptions(RenderOptions):
     top_k: int = Field(1, ge=1, description="explain the k best classes instead of one target")
     layer: str | None = Field(None, description="dotted module name (CAM methods); unset: the model's")
     steps: int = Field(_DEFAULTS.steps, ge=1, le=MAX_STEPS, description="integration steps (path methods)")
-    samples: int = Field(
-        _DEFAULTS.samples, ge=1, le=MAX_SAMPLES, description="noisy samples (noise methods)"
-    )
+    samples: int = Field(_DEFAULTS.samples, ge=1, le=MAX_SAMPLES, description="noisy samples (noise methods)")
     noise_level: float = Field(
         _DEFAULTS.noise_level, ge=0.0, le=1.0, description="σ as a fraction of the input's value range"
     )
-    baseline: Baseline = Field(
-        _DEFAULTS.baseline, description=f"path baseline: {', '.join(BASELINES)}"
-    )
+    baseline: Baseline = Field(_DEFAULTS.baseline, description=f"path baseline: {', '.join(BASELINES)}")
     rule: Rule = Field(_DEFAULTS.rule, description=f"integration rule: {', '.join(RULES)}")
     seed: int | None = Field(
         None, ge=0, lt=2**63, description="noise seed; same seed, same result (unset: drawn)"
@@ -195,9 +191,7 @@ def resolve_targets(options: TargetOptions, num_classes: int) -> tuple[list[int]
             raise InvalidParameter("give either target or top_k, not both", field="top_k")
         return [options.target], 1
     if options.top_k > num_classes:
-        raise InvalidParameter(
-            f"top_k must be in [1, {num_classes}] (got {options.top_k})", field="top_k"
-        )
+        raise InvalidParameter(f"top_k must be in [1, {num_classes}] (got {options.top_k})", field="top_k")
     return None, options.top_k
 
 
@@ -211,14 +205,14 @@ def colormap_for(options: RenderOptions, signed: bool) -> str:
 # ------------------------------------------------------------------------------------------------
 # the request body
 # ------------------------------------------------------------------------------------------------
-O = TypeVar("O", bound=RequestOptions)
+OptionsT = TypeVar("OptionsT", bound=RequestOptions)
 
 
 @dataclass
-class ParsedRequest(Generic[O]):
+class ParsedRequest(Generic[OptionsT]):
     """The images' bytes (upload order) and the validated options."""
 
-    options: O
+    options: OptionsT
     images: list[bytes]
     accept: str | None
 
@@ -230,13 +224,13 @@ def body_limit(settings: Settings) -> int:
 
 async def parse_request(
     request: Request,
-    options_type: type[O],
+    options_type: type[OptionsT],
     settings: Settings,
     *,
     image_field: str = "image",
     many: bool = False,
     max_images: int | None = None,
-) -> ParsedRequest[O]:
+) -> ParsedRequest[OptionsT]:
     """Read images and parameters from a multipart form or a JSON body, and validate them.
 
     ``many``: ``image_field`` may repeat (multipart) or hold a list (JSON). Raises
@@ -295,7 +289,9 @@ async def _read_form(
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):
                 if key != image_field:
-                    errors.append({"field": key, "message": f"unexpected file; the image goes in {image_field!r}"})
+                    errors.append(
+                        {"field": key, "message": f"unexpected file; the image goes in {image_field!r}"}
+                    )
                     continue
                 images.append(await value.read())
             elif key == image_field:
@@ -383,7 +379,9 @@ def choose_format(requested: str | None, accept: str | None, offered: Sequence[s
             best, choice = key, fmt
     if choice is None:
         media = ", ".join(dict.fromkeys(MEDIA_TYPES[f] for f in offered))
-        raise NotAcceptable(f"cannot answer with any type in Accept: {accept!r}; this resource offers {media}")
+        raise NotAcceptable(
+            f"cannot answer with any type in Accept: {accept!r}; this resource offers {media}"
+        )
     return choice
 
 

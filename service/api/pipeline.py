@@ -64,15 +64,23 @@ def batch(items: list[Prepared]) -> Tensor:
     return torch.stack([it.x for it in items])
 
 
-def check_method(model: LoadedModel, method: str) -> None:
-    if method not in model.methods():
-        raise MethodNotApplicable(
-            f"method {method!r} does not work on model {model.name!r}; it offers {', '.join(model.methods())}",
-            field="method",
-        )
+async def available_methods(model: LoadedModel) -> list[str]:
+    """The model's methods; the first call probes the model, so it runs off the event loop."""
+    return await run_in_threadpool(model.methods)
 
 
-def check_cost(settings: Settings, methods: list[str], params: ExplainParams, images: int, targets: int) -> None:
+def check_methods(model: LoadedModel, methods: list[str], available: list[str]) -> None:
+    for method in methods:
+        if method not in available:
+            raise MethodNotApplicable(
+                f"method {method!r} does not work on model {model.name!r}; it offers {', '.join(available)}",
+                field="method",
+            )
+
+
+def check_cost(
+    settings: Settings, methods: list[str], params: ExplainParams, images: int, targets: int
+) -> None:
     """``TooHeavy`` when images × targets × Σ passes exceeds the synchronous budget."""
     passes = sum(get_method(m).passes(params) for m in methods) * images * targets
     if passes > settings.max_sync_passes:
@@ -95,8 +103,7 @@ async def explain(
     """Each method's explanation of the batch, one after the other, within the deadline."""
     settings = services.settings
     params = engine_params(options, settings)
-    for m in methods:
-        check_method(model, m)
+    check_methods(model, methods, await available_methods(model))
     targets, top_k = resolve_targets(options, model.num_classes)
     check_cost(settings, methods, params, len(items), 1 if targets else top_k)
     x = batch(items)

@@ -372,7 +372,15 @@ def _load_all() -> None:
 
 
 def private_copy(module: nn.Module) -> nn.Module:
-    """A deep copy in eval mode with every parameter's gradient off."""
+    """A deep copy in eval mode with every parameter's gradient off.
+
+    A TorchScript module cannot be deep-copied safely (its parameters come back as non-leaf
+    tensors) and takes no Python hooks anyway, so it is used as it is: the engine only asks it for
+    input gradients (``torch.autograd.grad`` with respect to the input, which neither computes
+    nor stores parameter gradients) and never changes it.
+    """
+    if isinstance(module, torch.jit.ScriptModule):
+        return module
     clone = copy.deepcopy(module)
     clone.eval()
     for p in clone.parameters():

@@ -73,8 +73,8 @@ def noisy_chunks(
     sigma = noise_sigma(x, noise_level).view(-1, 1, 1, 1)
     stream = NoiseStream(tuple(x.shape[1:]), generator, x.device)
     for start in range(0, m * samples, chunk):
-        flat = torch.arange(start, min(m * samples, start + chunk), device=x.device)
-        s, i = flat // m, flat % m
+        flat = torch.arange(start, min(m * samples, start + chunk))  # indices on the CPU: no syncs
+        s, i = flat // m, (flat % m).to(x.device)
         yield x[i] + sigma[i] * stream.take(s), i
 
 

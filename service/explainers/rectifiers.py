@@ -130,14 +130,16 @@ class _Rectify(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
         # clamp, not relu: a relu here would be seen by the mode if backward runs inside the block
-        passed = grad.clamp(min=0.0)
-        if ctx.rule == "guided":
-            (out,) = ctx.saved_tensors
-            mask = out > 0
-            if ctx.upper is not None:
-                mask &= out < ctx.upper
-            passed = passed.mul_(mask)
-        return passed, None, None, None
+        if ctx.rule != "guided":
+            return grad.clamp(min=0.0), None, None, None
+        (out,) = ctx.saved_tensors
+        # the native backward of the forward op applies the forward mask in one fused pass:
+        # grad where 0 < out (and out < upper), else 0 — then keep only the positive part
+        if ctx.upper is None:
+            masked = torch.ops.aten.threshold_backward(grad, out, 0.0)
+        else:
+            masked = torch.ops.aten.hardtanh_backward(grad, out, 0.0, ctx.upper)
+        return masked.clamp_(min=0.0), None, None, None
 
 
 @dataclass

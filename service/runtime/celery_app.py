@@ -129,8 +129,11 @@ def worker_argv(settings: Settings, argv: Sequence[str] = ()) -> list[str]:
     ]
 
 
-def run_worker(settings: Settings, argv: Sequence[str] = ()) -> None:
-    """``saliency worker``: load the registry on this worker's device, then consume jobs."""
+def run_worker(settings: Settings, argv: Sequence[str] = ()) -> int:
+    """``saliency worker``: load the registry on this worker's device, then consume jobs.
+
+    Returns the exit status once Celery stops (after a warm shutdown on SIGTERM: the running job
+    finishes first)."""
     global _runner
     from service.models.registry import ModelRegistry
 
@@ -149,3 +152,4 @@ def run_worker(settings: Settings, argv: Sequence[str] = ()) -> None:
     app = make_celery(settings)
     log.info("worker ready: models %s on queue %s", ", ".join(registry.names()), queue_name(settings))
     app.worker_main(worker_argv(settings, argv))
+    return 0

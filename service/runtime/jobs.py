@@ -240,7 +240,8 @@ class CeleryJobService(JobService):
     def __init__(self, settings: Settings, registry: ModelRegistry, metrics: Metrics | None) -> None:
         from service.runtime.celery_app import make_celery, make_store
 
-        super().__init__(settings, registry, make_store(settings), metrics)
+        self.redis_store = make_store(settings)
+        super().__init__(settings, registry, self.redis_store, metrics)
         self.celery = make_celery(settings)
         self.tick_s = max(0.5, min(5.0, settings.job_lease_s / 3))
 
@@ -253,6 +254,13 @@ class CeleryJobService(JobService):
         except (redis.RedisError, kombu.exceptions.OperationalError, OSError) as exc:
             log.warning("job store or broker unavailable: %r", exc)
             raise Overloaded("the job queue is unavailable; retry shortly", retry_after=5) from None
+
+    async def start(self) -> None:
+        try:
+            await asyncio.to_thread(self.redis_store.ping)
+        except Exception as exc:  # jobs answer 503 until Redis is back; the rest of the API works
+            log.warning("the job store at %s is unreachable: %r", self.settings.broker_url, exc)
+        await super().start()
 
     def _dispatch(self, record: JobRecord) -> None:
         from service.runtime.celery_app import enqueue
@@ -272,9 +280,7 @@ class CeleryJobService(JobService):
                 self._dispatch_requeued(job_id)
             elif outcome == "failed":
                 log.warning("job %s: its worker died on every attempt; marked failed", job_id)
-        prune = getattr(self.store, "prune", None)
-        if prune is not None:
-            prune()
+        self.redis_store.prune()
         super()._maintain()
 
     def _dispatch_requeued(self, job_id: str) -> None:

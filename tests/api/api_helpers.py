@@ -82,7 +82,8 @@ def upload(data: bytes, name: str = "image.png", mime: str = "image/png") -> dic
 
 
 def decode_png(data: bytes) -> Image.Image:
+    """A PNG response as RGB (heatmaps may come palette-encoded)."""
     image = Image.open(io.BytesIO(data))
     assert image.format == "PNG"
     image.load()
-    return image
+    return image.convert("RGB")

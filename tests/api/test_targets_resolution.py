@@ -49,12 +49,16 @@ def test_target_default_is_top1_and_explicit_target_is_used(client: TestClient, 
     assert int(r.headers["X-Target-Index"]) == last["index"]
     assert r.headers["X-Target-Label"] == last["label"]
     assert float(r.headers["X-Target-Score"]) == pytest.approx(last["probability"], abs=1e-5)  # type: ignore[arg-type]
-    j = client.post(EXPLAIN, files=upload(png_bytes), data={"target": str(last["index"]), "format": "json"}).json()
+    j = client.post(
+        EXPLAIN, files=upload(png_bytes), data={"target": str(last["index"]), "format": "json"}
+    ).json()
     assert j["parameters"]["target"] == last["index"]
     assert j["explanations"][0]["target"]["index"] == last["index"]
     # a different class gives a different map
     a = client.post(EXPLAIN, files=upload(png_bytes), data={"format": "npy"}).content
-    b = client.post(EXPLAIN, files=upload(png_bytes), data={"format": "npy", "target": str(last["index"])}).content
+    b = client.post(
+        EXPLAIN, files=upload(png_bytes), data={"format": "npy", "target": str(last["index"])}
+    ).content
     assert not np.allclose(np.load(io.BytesIO(a)), np.load(io.BytesIO(b)))
 
 
@@ -63,7 +67,11 @@ def test_top_k_explains_the_k_best_in_order(client: TestClient, png_bytes: bytes
     j = client.post(EXPLAIN, files=upload(png_bytes), data={"top_k": "3", "format": "json"}).json()
     assert [e["target"]["index"] for e in j["explanations"]] == [p["index"] for p in top[:3]]
     assert j["parameters"]["top_k"] == 3
-    arr = np.load(io.BytesIO(client.post(EXPLAIN, files=upload(png_bytes), data={"top_k": "3", "format": "npy"}).content))
+    arr = np.load(
+        io.BytesIO(
+            client.post(EXPLAIN, files=upload(png_bytes), data={"top_k": "3", "format": "npy"}).content
+        )
+    )
     assert arr.shape == (3, 50, 80) and arr.dtype == np.float32
     # each slice is that target's own map
     for k, p in enumerate(top[:3]):
@@ -86,7 +94,9 @@ def test_resolution_model_vs_original(client: TestClient, png_bytes: bytes) -> N
     png = decode_png(client.post(EXPLAIN, files=upload(png_bytes), data={"resolution": "model"}).content)
     assert png.size == (64, 64)
     over = decode_png(
-        client.post(EXPLAIN, files=upload(png_bytes), data={"resolution": "model", "format": "overlay"}).content
+        client.post(
+            EXPLAIN, files=upload(png_bytes), data={"resolution": "model", "format": "overlay"}
+        ).content
     )
     assert over.size == (64, 64)
 
@@ -101,7 +111,9 @@ def test_exif_rotated_upload_maps_onto_the_displayed_image(client: TestClient) -
     png = decode_png(client.post(EXPLAIN, files=upload(jpeg, "r.jpg", "image/jpeg")).content)
     assert png.size == (50, 80)
     overlay = decode_png(
-        client.post(EXPLAIN, files=upload(jpeg, "r.jpg", "image/jpeg"), data={"format": "overlay", "alpha": "0"}).content
+        client.post(
+            EXPLAIN, files=upload(jpeg, "r.jpg", "image/jpeg"), data={"format": "overlay", "alpha": "0"}
+        ).content
     )
     # alpha 0 shows the upload as displayed: the stored image rotated (JPEG noise aside)
     upright = np.asarray(stored.transpose(Image.Transpose.ROTATE_270), dtype=np.float64)
@@ -115,7 +127,9 @@ def test_exif_rotated_upload_maps_onto_the_displayed_image(client: TestClient) -
 
 def test_center_crop_border_is_zero_not_stretched(client: TestClient, png_bytes: bytes) -> None:
     # 80×50 into 64×64 with center_crop: scale 1.28, the model sees the centre 50×50 (x 15..65)
-    r = client.post("/v1/models/tiny_crop/explain", files=upload(png_bytes), data={"format": "npy", "method": "saliency"})
+    r = client.post(
+        "/v1/models/tiny_crop/explain", files=upload(png_bytes), data={"format": "npy", "method": "saliency"}
+    )
     assert r.status_code == 200, r.text
     o = np.load(io.BytesIO(r.content))[0]
     assert o.shape == (50, 80)
@@ -127,7 +141,9 @@ def test_center_crop_border_is_zero_not_stretched(client: TestClient, png_bytes:
         data={"format": "npy", "method": "saliency", "resolution": "model"},
     )
     mm = np.load(io.BytesIO(m.content))[0]
-    np.testing.assert_allclose(o, to_original(mm, make_geometry(80, 50, (3, 64, 64), "center_crop")), atol=1e-6)
+    np.testing.assert_allclose(
+        o, to_original(mm, make_geometry(80, 50, (3, 64, 64), "center_crop")), atol=1e-6
+    )
 
 
 def test_reduction_none_keeps_channels(client: TestClient, png_bytes: bytes) -> None:
@@ -164,7 +180,11 @@ def test_reduction_none_where_it_cannot_apply(
 
 
 def test_signed_methods_default_to_diverging_colormap(client: TestClient, png_bytes: bytes) -> None:
-    j = client.post(EXPLAIN, files=upload(png_bytes), data={"method": "integrated_gradients", "steps": "4", "format": "json"})
+    j = client.post(
+        EXPLAIN,
+        files=upload(png_bytes),
+        data={"method": "integrated_gradients", "steps": "4", "format": "json"},
+    )
     assert j.json()["parameters"]["colormap"] == "diverging"
     chosen = client.post(
         EXPLAIN,
@@ -174,7 +194,9 @@ def test_signed_methods_default_to_diverging_colormap(client: TestClient, png_by
     assert chosen.json()["parameters"]["colormap"] == "viridis"
     # diverging: a zero map value is the table's white middle
     heat = decode_png(
-        client.post(EXPLAIN, files=upload(png_bytes), data={"method": "integrated_gradients", "steps": "4"}).content
+        client.post(
+            EXPLAIN, files=upload(png_bytes), data={"method": "integrated_gradients", "steps": "4"}
+        ).content
     )
     values = np.asarray(j.json()["explanations"][0]["heatmap"])
     pix = np.asarray(heat, dtype=int)

@@ -8,7 +8,6 @@ replica and yields to synchronous work between chunks).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -44,7 +43,9 @@ def test_sync_requests_are_served_while_a_job_runs(server: httpx.Client) -> None
     for _ in range(3):
         assert server.get("/healthz").status_code == 200
         sync = server.post(
-            "/v1/models/tiny/explain", files={"image": ("x.png", png(7), "image/png")}, data={"format": "json"}
+            "/v1/models/tiny/explain",
+            files={"image": ("x.png", png(7), "image/png")},
+            data={"format": "json"},
         )
         assert sync.status_code == 200
     during = server.get(f"/v1/jobs/{job_id}").json()

@@ -71,7 +71,12 @@ def test_every_service_has_a_healthcheck_that_runs_an_existing_command(compose: 
     services = compose["services"]
     assert services["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
     assert services["api"]["healthcheck"]["test"] == ["CMD", "saliency-entrypoint", "healthcheck", "api"]
-    assert services["worker"]["healthcheck"]["test"] == ["CMD", "saliency-entrypoint", "healthcheck", "worker"]
+    assert services["worker"]["healthcheck"]["test"] == [
+        "CMD",
+        "saliency-entrypoint",
+        "healthcheck",
+        "worker",
+    ]
     roles = {services[name]["command"][0] for name in ("api", "worker")}
     assert roles == {"serve", "worker"} <= subcommands()
 

@@ -108,7 +108,7 @@ async def compare(request: Request, model: ModelDep, services: ServicesDep) -> R
     parsed = await parse_request(request, CompareOptions, settings)
     options = parsed.options
     fmt = choose_format(options.format, parsed.accept, COMPARE_FORMATS)
-    methods = options.method_list(model.methods())
+    methods = options.method_list(await pipeline.available_methods(model))
     items = await pipeline.prepare_images(settings, model, parsed.images)
     results = await pipeline.explain(services, model, items, options, methods, clock)
     return await run_in_threadpool(_render_compare, fmt, model, results, items, options, clock.elapsed_ms)

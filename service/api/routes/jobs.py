@@ -219,7 +219,7 @@ async def submit_job(request: Request, services: ServicesDep, jobs: JobsDep) -> 
     )
     options = parsed.options
     model = services.require_registry().get(options.model)
-    pipeline.check_method(model, options.method)
+    pipeline.check_methods(model, [options.method], await pipeline.available_methods(model))
     if options.format is not None:
         choose_format(options.format, None, RESULT_FORMATS)
     params = engine_params(options, settings)

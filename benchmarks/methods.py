@@ -1,0 +1,377 @@
+"""Our methods beside their reference implementations and beside the compute floor.
+
+In one process, on one device, with one model and one input, each of our methods runs beside:
+
+- its references: Captum (IntegratedGradients, NoiseTunnel(Saliency) for SmoothGrad,
+  LayerGradCam + bilinear upsampling, GuidedBackprop, Saliency, …) and pytorch-grad-cam (GradCAM
+  and the other CAM variants), run the way a user would run them: on the eager model, parameters
+  requiring grad;
+- the compute floor: the same number of batched forward + input-gradient passes, run bare, once
+  through the same prepared copy our engine uses (BatchNorm folded, channels_last, no parameter
+  gradients) and once through the eager model.
+
+It prints medians of interleaved repeats and the ratios ours/reference and ours/floor. The floor
+is a full backward to the input, so CAM methods (whose backward stops at the target layer) can run
+below it. Examples::
+
+    .venv/bin/python benchmarks/methods.py                            # resnet18, 224 px, 2 threads
+    .venv/bin/python benchmarks/methods.py --methods all --repeats 3
+    .venv/bin/python benchmarks/methods.py --gpu-suite                # images/s on CUDA, fp32 + bf16
+
+``--gpu-suite`` is the figure wanted from a GPU: images/s of IG-32 and SmoothGrad-16 on a randomly
+initialised ResNet-50, calls of 8 images, ours beside Captum's, in fp32 and in bf16 autocast.
+Any option given explicitly overrides the preset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from _common import DTYPES, autocast, build_model, device_of, interleaved, median, set_threads, table
+from torch import Tensor, nn
+
+from service.explainers import ExplainParams, ModelHandle, all_methods, explain, predict
+from service.explainers.layers import get_layer
+from service.explainers.path import make_baseline
+from service.explainers.prepare import FoldedBatchNorm, FoldedBatchNormAct
+
+DEFAULT_METHODS = ["integrated_gradients", "smoothgrad", "gradcam", "guided_backprop", "saliency"]
+
+# (method, reference) → the largest acceptable ours/reference ratio (issue 2's speed targets)
+TARGETS: dict[tuple[str, str], float] = {
+    ("integrated_gradients", "captum"): 0.75,
+    ("integrated_gradients", "floor"): 1.05,
+    ("smoothgrad", "captum"): 0.75,
+    ("smoothgrad", "floor"): 1.05,
+    ("gradcam", "captum"): 1.0,
+    ("gradcam", "grad-cam"): 1 / 2.5,
+    ("guided_backprop", "captum"): 1.0,
+}
+
+GRAD_CAM_CLASSES = {
+    "gradcam": "GradCAM",
+    "gradcam_pp": "GradCAMPlusPlus",
+    "xgradcam": "XGradCAM",
+    "layercam": "LayerCAM",
+    "hirescam": "HiResCAM",
+    "scorecam": "ScoreCAM",
+    "eigencam": "EigenCAM",
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# options
+# ------------------------------------------------------------------------------------------------
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="torchvision or timm name, random init (default resnet18)")
+    p.add_argument("--classes", type=int, default=1000)
+    p.add_argument("--size", type=int, help="input side in pixels (default 224)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--repeats", type=int, help="timed rounds after one warm-up round (default 3)")
+    p.add_argument("--methods", help=f"comma list or 'all' (default {','.join(DEFAULT_METHODS)})")
+    p.add_argument("--images", type=int, help="images per call (default 1)")
+    p.add_argument("--batch-size", type=int, help="passes run at once, ours and references (default 32)")
+    p.add_argument("--steps", type=int, default=32, help="IG steps (default 32)")
+    p.add_argument("--samples", type=int, default=16, help="SmoothGrad samples (default 16)")
+    p.add_argument("--rule", default="gausslegendre", help="IG rule, same for Captum (default gausslegendre)")
+    p.add_argument("--device", help="cpu or cuda (default cpu)")
+    p.add_argument("--dtype", help="fp32, bf16 (CUDA autocast) or a comma list (default fp32)")
+    p.add_argument("--no-eager-floor", action="store_true", help="skip the floor through the eager model")
+    p.add_argument("--gpu-suite", action="store_true", help="preset: resnet50, cuda, 8 images, IG+SG, fp32+bf16")
+    args = p.parse_args(argv)
+    preset: dict[str, Any] = dict(
+        model="resnet18",
+        size=224,
+        repeats=3,
+        methods=",".join(DEFAULT_METHODS),
+        images=1,
+        batch_size=32,
+        device="cpu",
+        dtype="fp32",
+    )
+    if args.gpu_suite:
+        preset.update(
+            model="resnet50",
+            methods="integrated_gradients,smoothgrad",
+            images=8,
+            batch_size=64,
+            device="cuda",
+            dtype="fp32,bf16",
+            repeats=5,
+        )
+    for k, v in preset.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
+
+
+# ------------------------------------------------------------------------------------------------
+# contenders
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Setup:
+    args: argparse.Namespace
+    device: torch.device
+    dtype: str
+    handle: ModelHandle
+    eager: nn.Module  # the model as a user holds it: eval, parameters requiring grad
+    x: Tensor
+    targets: Tensor
+    params: ExplainParams
+    layer: str
+    owned: list[Callable[[], None]] = field(default_factory=list)  # clean-ups
+
+    def amp(self) -> Any:
+        return autocast(self.device, self.dtype)
+
+
+def passes_per_image(method: str, args: argparse.Namespace) -> int:
+    """Forward + input-gradient passes per image that the floor runs for ``method``."""
+    if method == "integrated_gradients":
+        return int(args.steps)
+    if method == "smoothgrad":
+        return int(args.samples)
+    if method == "smooth_ig":
+        return int(args.steps * args.samples)
+    if method == "guided_gradcam":
+        return 2
+    if method == "scorecam":
+        return 0  # forward passes only; no comparable floor
+    return 1
+
+
+def floor(s: Setup, model: nn.Module, passes: int) -> Callable[[], None]:
+    """``passes`` forward + input-gradient passes through ``model``, ``batch_size`` at a time."""
+    bs = int(s.args.batch_size)
+    g = torch.Generator().manual_seed(1)
+    pool = torch.randn(min(bs, passes), *s.x.shape[1:], generator=g).to(s.device)
+    tt = s.targets.repeat((bs + len(s.targets) - 1) // len(s.targets))[: pool.shape[0]].view(-1, 1)
+
+    def run() -> None:
+        for start in range(0, passes, bs):
+            n = min(bs, passes - start)
+            xi = pool[:n].detach().requires_grad_(True)
+            with torch.enable_grad(), s.amp():
+                out = model(xi)
+            (grad,) = torch.autograd.grad(out.float().gather(1, tt[:n]).sum(), xi)
+            del grad
+
+    return run
+
+
+def ours(s: Setup, method: str) -> Callable[[], None]:
+    def run() -> None:
+        explain(s.handle, s.x, method, s.params, targets=s.targets.view(-1, 1))
+
+    return run
+
+
+def captum_reference(s: Setup, method: str) -> Callable[[], None] | None:
+    import captum.attr as ca
+
+    model, x, t, a = s.eager, s.x, s.targets, s.args
+    bs = int(a.batch_size)
+    sigma = float(s.params.noise_level * (x.flatten(1).amax(1) - x.flatten(1).amin(1)).mean())
+    baseline = make_baseline(s.params.baseline, x, s.handle, 0)
+    layer = get_layer(model, s.layer)
+    per_batch = max(1, bs // x.shape[0])
+    calls: dict[str, Callable[[], object]] = {
+        "integrated_gradients": lambda: ca.IntegratedGradients(model).attribute(
+            x, baselines=baseline, target=t, n_steps=a.steps, method=a.rule,
+            internal_batch_size=bs, return_convergence_delta=True,
+        ),
+        "smoothgrad": lambda: ca.NoiseTunnel(ca.Saliency(model)).attribute(
+            x, nt_type="smoothgrad", nt_samples=a.samples, nt_samples_batch_size=per_batch,
+            stdevs=sigma, target=t, abs=True,
+        ),
+        "smooth_ig": lambda: ca.NoiseTunnel(ca.IntegratedGradients(model)).attribute(
+            x, nt_type="smoothgrad", nt_samples=a.samples, nt_samples_batch_size=1, stdevs=sigma,
+            baselines=baseline, target=t, n_steps=a.steps, method=a.rule, internal_batch_size=bs,
+        ),
+        "saliency": lambda: ca.Saliency(model).attribute(x, target=t, abs=True),
+        "input_x_gradient": lambda: ca.InputXGradient(model).attribute(x, target=t),
+        "guided_backprop": lambda: ca.GuidedBackprop(model).attribute(x, target=t),
+        "deconvnet": lambda: ca.Deconvolution(model).attribute(x, target=t),
+        "guided_gradcam": lambda: ca.GuidedGradCam(model, layer).attribute(x, target=t),
+        "gradcam": lambda: ca.LayerAttribution.interpolate(
+            ca.LayerGradCam(model, layer).attribute(x, target=t, relu_attributions=True),
+            tuple(x.shape[-2:]), "bilinear",
+        ),
+    }  # fmt: skip
+    if method not in calls:
+        return None
+    call = calls[method]
+
+    def run() -> None:
+        with s.amp():
+            call()
+
+    return run
+
+
+def grad_cam_reference(s: Setup, method: str) -> Callable[[], None] | None:
+    if method not in GRAD_CAM_CLASSES:
+        return None
+    import pytorch_grad_cam
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model = copy.deepcopy(s.eager)  # it keeps hooks on its model for the object's lifetime
+    cls = getattr(pytorch_grad_cam, GRAD_CAM_CLASSES[method])
+    cam = cls(model=model, target_layers=[get_layer(model, s.layer)])
+    if hasattr(cam, "batch_size"):
+        cam.batch_size = int(s.args.batch_size)
+    s.owned.append(cam.activations_and_grads.release)
+    targets = [ClassifierOutputTarget(int(c)) for c in s.targets]
+
+    def run() -> None:
+        with s.amp():
+            cam(input_tensor=s.x, targets=targets)
+
+    return run
+
+
+# ------------------------------------------------------------------------------------------------
+# the run
+# ------------------------------------------------------------------------------------------------
+def make_setup(args: argparse.Namespace, dtype: str, model: nn.Module) -> Setup:
+    device = device_of(args.device)
+    model = model.to(device).eval()
+    handle = ModelHandle(model, name=args.model)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.images, 3, args.size, args.size, generator=g).to(device)
+    targets = predict(handle, x).argmax(dim=1).to(device)
+    params = ExplainParams(
+        steps=args.steps,
+        samples=args.samples,
+        rule=args.rule,
+        seed=0,
+        batch_size=args.batch_size,
+        autocast=DTYPES[dtype] is not None,
+    )
+    layer = handle.resolve_layer(None)
+    return Setup(args, device, dtype, handle, model, x, targets, params, layer)
+
+
+@dataclass
+class Row:
+    method: str
+    dtype: str
+    times: dict[str, float]  # contender → median seconds
+
+
+def bench_method(s: Setup, method: str) -> Row:
+    contenders: dict[str, Callable[[], object]] = {"ours": ours(s, method)}
+    for label, make in (("captum", captum_reference), ("grad-cam", grad_cam_reference)):
+        ref = make(s, method)
+        if ref is not None:
+            contenders[label] = ref
+    passes = passes_per_image(method, s.args) * s.x.shape[0]
+    if passes:
+        contenders["floor"] = floor(s, s.handle.prepared(None), passes)
+        if not s.args.no_eager_floor:
+            contenders["floor-eager"] = floor(s, s.eager, passes)
+    times = interleaved(contenders, s.device, int(s.args.repeats))
+    return Row(method, s.dtype, {k: median(v) for k, v in times.items()})
+
+
+def describe(s: Setup) -> str:
+    prepared = s.handle.prepared(None)
+    folded = sum(isinstance(m, FoldedBatchNorm | FoldedBatchNormAct) for m in prepared.modules())
+    bns = sum(isinstance(m, nn.BatchNorm2d) for m in s.eager.modules())
+    cl = any(
+        p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+        for p in prepared.parameters()
+    )
+    dev = torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    return (
+        f"model {s.args.model} (random init, {s.args.classes} classes), input {s.args.images}×3×{s.args.size}²,"
+        f" batch_size {s.args.batch_size}, steps {s.args.steps}, samples {s.args.samples}, rule {s.args.rule},"
+        f" target layer {s.layer}\n"
+        f"device {dev}; torch {torch.__version__}; prepared copy: {folded}/{bns} BatchNorms folded,"
+        f" channels_last={cl}; medians of {s.args.repeats} interleaved rounds after 1 warm-up"
+    )
+
+
+def verdict(method: str, ref: str, ratio: float) -> str:
+    limit = TARGETS.get((method, ref))
+    if limit is None:
+        return ""
+    return f"≤{limit:.2f} {'ok' if ratio <= limit else 'MISS'}"
+
+
+def print_rows(rows: list[Row], images: int) -> None:
+    out = []
+    for r in rows:
+        t = r.times
+        for ref in [k for k in t if k != "ours"] or ["-"]:
+            ratio = t["ours"] / t[ref] if ref in t else float("nan")
+            out.append(
+                [
+                    r.method,
+                    r.dtype,
+                    f"{t['ours']:.3f}",
+                    f"{images / t['ours']:.2f}",
+                    ref,
+                    f"{t[ref]:.3f}" if ref in t else "-",
+                    f"{ratio:.2f}" if ref in t else "-",
+                    verdict(r.method, ref, ratio) if ref in t else "",
+                ]
+            )
+    header = ["method", "dtype", "ours s", "ours img/s", "beside", "its s", "ours/it", "target"]
+    print(table(header, out))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    set_threads(args.threads)
+    warnings.filterwarnings("ignore", module="captum")
+    warnings.filterwarnings("ignore", message=".*backward hook.*")
+    known = [m.name for m in all_methods()]
+    methods = known if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; known: {', '.join(known)}")
+    dtypes = [d.strip() for d in args.dtype.split(",")]
+    if any(d not in DTYPES for d in dtypes):
+        raise SystemExit(f"--dtype must be among {', '.join(DTYPES)}")
+    torch.manual_seed(0)
+    model = build_model(args.model, args.classes)
+    rows: list[Row] = []
+    for dtype in dtypes:
+        s = make_setup(args, dtype, model)
+        if dtype == dtypes[0]:
+            print(describe(s), flush=True)
+        try:
+            for method in methods:
+                if method == "cam" and not _cam_applies(s):
+                    continue
+                rows.append(bench_method(s, method))
+                print(f"  done {method} {dtype}", file=sys.stderr, flush=True)
+        finally:
+            for release in s.owned:
+                release()
+    print_rows(rows, args.images)
+    return 0
+
+
+def _cam_applies(s: Setup) -> bool:
+    from service.errors import MethodNotApplicable
+    from service.explainers import get_method
+
+    try:
+        get_method("cam").check(s.handle, s.params.with_(layer=s.layer))
+    except MethodNotApplicable:
+        return False
+    return True
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""The committed OpenAPI file is the app's, the schema follows the registry, and /docs is offline."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.config import Settings
+from service.explainers import method_names
+from service.imaging.render import COLORMAPS
+
+ROOT = Path(__file__).resolve().parents[2]
+COMMITTED = ROOT / "openapi" / "openapi.json"
+IMAGE_ROUTES = ("predict", "explain", "compare")
+
+
+@pytest.fixture(scope="module")
+def spec() -> dict[str, Any]:
+    generated: dict[str, Any] = create_app(Settings(models_config=None)).openapi()
+    return json.loads(json.dumps(generated))  # as it is served: plain JSON types
+
+
+def test_committed_openapi_file_matches_the_app(spec: dict[str, Any]) -> None:
+    committed = json.loads(COMMITTED.read_text())
+    assert committed == spec, (
+        "openapi/openapi.json is stale: run `make openapi` (saliency openapi > openapi/openapi.json)"
+    )
+
+
+def test_contract_paths_are_documented(spec: dict[str, Any]) -> None:
+    paths = spec["paths"]
+    for path, verb in [
+        ("/v1/models", "get"),
+        ("/v1/models/{model}", "get"),
+        ("/v1/methods", "get"),
+        ("/v1/models/{model}/predict", "post"),
+        ("/v1/models/{model}/explain", "post"),
+        ("/v1/models/{model}/compare", "post"),
+        ("/healthz", "get"),
+        ("/readyz", "get"),
+        ("/metrics", "get"),
+    ]:
+        assert verb in paths[path], (path, verb)
+
+
+def body_schema(spec: dict[str, Any], route: str, media: str) -> dict[str, Any]:
+    schema: dict[str, Any] = spec["paths"][f"/v1/models/{{model}}/{route}"]["post"]["requestBody"]["content"][
+        media
+    ]["schema"]
+    return schema
+
+
+@pytest.mark.parametrize("route", IMAGE_ROUTES)
+def test_image_routes_take_a_file_or_base64(spec: dict[str, Any], route: str) -> None:
+    form = body_schema(spec, route, "multipart/form-data")
+    assert form["properties"]["image"]["format"] == "binary"  # Swagger UI's file picker
+    assert "image" in form["required"]
+    body = body_schema(spec, route, "application/json")
+    assert body["properties"]["image"]["contentEncoding"] == "base64"
+    assert set(form["properties"]) == set(body["properties"])  # the same parameters either way
+
+
+def test_method_enum_is_the_registry(spec: dict[str, Any]) -> None:
+    for media in ("multipart/form-data", "application/json"):
+        props = body_schema(spec, "explain", media)["properties"]
+        assert props["method"]["enum"] == method_names()
+        assert props["method"]["default"] == "gradcam"
+        assert props["colormap"]["enum"] == list(COLORMAPS)
+        assert props["steps"]["maximum"] == 512 and props["samples"]["maximum"] == 256
+    assert list(body_schema(spec, "explain", "multipart/form-data")["properties"])[:3] == [
+        "image",
+        "method",
+        "target",
+    ]
+
+
+def test_explain_documents_png_json_and_npy_with_examples(spec: dict[str, Any]) -> None:
+    ok = spec["paths"]["/v1/models/{model}/explain"]["post"]["responses"]["200"]
+    content = ok["content"]
+    assert content["image/png"]["schema"]["format"] == "binary"
+    assert content["application/json"]["schema"]["$ref"].endswith("/ExplainResponse")
+    example = content["application/json"]["example"]
+    assert example["explanations"][0]["target"] == {"index": 285, "label": "Egyptian cat", "score": 0.79}
+    assert "application/x-npy" in content
+    assert set(ok["headers"]) == {"X-Target-Index", "X-Target-Label", "X-Target-Score", "X-Elapsed-Ms"}
+    errors = spec["paths"]["/v1/models/{model}/explain"]["post"]["responses"]
+    for status in ("404", "406", "413", "415", "422", "503", "504"):
+        assert "application/problem+json" in errors[status]["content"], status
+    compare = spec["paths"]["/v1/models/{model}/compare"]["post"]["responses"]["200"]["content"]
+    assert {"image/png", "application/json"} <= set(compare)
+
+
+def test_docs_are_served_offline() -> None:
+    client = TestClient(create_app(Settings(models_config=None)))  # no lifespan: no model loads
+    page = client.get("/docs")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    urls = re.findall(r'(?:src|href)="([^"]+)"', page.text) + re.findall(r"url: ?'([^']+)'", page.text)
+    assert urls and all(u.startswith("/") for u in urls), urls  # nothing from a CDN
+    assert "/docs/assets/swagger-ui-bundle.js" in urls and "/docs/assets/swagger-ui.css" in urls
+    js = client.get("/docs/assets/swagger-ui-bundle.js")
+    assert js.status_code == 200 and "javascript" in js.headers["content-type"] and len(js.content) > 100_000
+    assert client.get("/docs/assets/swagger-ui.css").headers["content-type"].startswith("text/css")
+    served = client.get("/openapi.json")
+    assert served.status_code == 200 and served.json()["openapi"].startswith("3.")
