@@ -53,7 +53,7 @@ PROBE_SIZES = (64, 224)
 #: Tolerance of the equivalence check, relative to the largest magnitude of the compared tensor.
 RTOL = 1e-4
 #: Tolerance of the input-gradient check, in relative L2 norm (see ``_equivalent``).
-GRAD_RTOL = 1e-3
+GRAD_RTOL = 5e-2
 
 __all__ = ["FoldedBatchNorm", "FoldedBatchNormAct", "close", "fold_pairs", "prepare_model"]
 
@@ -62,11 +62,12 @@ def prepare_model(module: nn.Module, *, keep: str | None = None, optimize: bool 
     """A private copy of ``module`` for attribution; ``keep`` names a layer whose output must stay exact.
 
     The given module is never modified (not its parameters, flags, hooks or children). Without
-    ``optimize`` the copy is only switched to eval mode with parameter gradients off.
+    ``optimize`` the copy is only switched to eval mode with parameter gradients off. A TorchScript
+    module is returned as it is (``private_copy``): it can neither be copied safely nor hooked.
     """
     plain = private_copy(module)
-    if not optimize:
-        return plain
+    if not optimize or plain is module or isinstance(plain, torch.jit.ScriptModule):
+        return plain  # TorchScript is used as it is (see ``private_copy``): nothing to rewrite
     try:
         return _optimized(plain, keep)
     except Exception:  # an optimisation must never make a model unusable
@@ -254,16 +255,15 @@ def _probe(model: nn.Module, keep: str | None) -> _Probe | None:
         if isinstance(out, Tensor):
             kept.append(out)
 
-    for n, m in convs.items():
-        handles.append(m.register_forward_hook(on_conv(n)))
-    for n, m in bns.items():
-        handles.append(m.register_forward_pre_hook(on_bn_enter(n)))
-        handles.append(m.register_forward_hook(on_bn_exit))
-    if keep_module is not None:
-        handles.append(keep_module.register_forward_hook(on_keep))
-
     x = None
     with _removing(handles):
+        for n, m in convs.items():
+            handles.append(m.register_forward_hook(on_conv(n)))
+        for n, m in bns.items():
+            handles.append(m.register_forward_pre_hook(on_bn_enter(n)))
+            handles.append(m.register_forward_hook(on_bn_exit))
+        if keep_module is not None:
+            handles.append(keep_module.register_forward_hook(on_keep))
         for size in PROBE_SIZES:
             x = _random_input(model, size)
             for v in (*conv_out.values(), *bn_in.values(), kept):
@@ -362,9 +362,14 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 def _equivalent(reference: nn.Module, candidate: nn.Module, x: Tensor) -> bool:
     """Same logits and same input gradient (of the logits' sum), up to float32 rounding.
 
-    Logits are compared element-wise (max error ≤ ``RTOL`` × their largest magnitude). Gradients
-    are compared in L2 norm (≤ ``GRAD_RTOL`` relative): a gradient is discontinuous at every ReLU
-    kink and max-pool tie, so a rounding-level change may legitimately flip a single element.
+    Logits are compared element-wise: max error ≤ ``RTOL`` × their largest magnitude. A wrong fold
+    (a missed consumer, a convolution that is not linear in its weight) shows there at full scale.
+    The gradient check only guards against a backward that is wrong, not one rounded differently:
+    gradients are discontinuous at every ReLU/ReLU6 kink and max-pool tie, and in a randomly
+    initialised network a rounding-level change can flip one deep unit whose gradient spreads over
+    much of the input (seen: 0.4 % relative L2 on tf_efficientnet_lite0 with random BatchNorm
+    statistics, vanishing when the input moves by 1e-4, and exact in float64). So gradients are
+    compared in relative L2 norm with ``GRAD_RTOL``.
     """
 
     def run(model: nn.Module) -> tuple[Tensor, Tensor]:

@@ -108,3 +108,34 @@ def test_docs_are_served_offline() -> None:
     assert client.get("/docs/assets/swagger-ui.css").headers["content-type"].startswith("text/css")
     served = client.get("/openapi.json")
     assert served.status_code == 200 and served.json()["openapi"].startswith("3.")
+
+
+def test_cli_openapi_prints_the_spec(spec: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    from service.__main__ import main
+
+    assert main(["openapi"]) == 0
+    assert json.loads(capsys.readouterr().out) == spec
+
+
+def test_cli_serve_refuses_a_broken_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from service.__main__ import main
+    from service.config import get_settings
+
+    bad = tmp_path / "models.toml"
+    bad.write_text("[[models]]\nname = 'x'\nsource = 'timm'\n")  # timm needs an architecture
+    monkeypatch.setenv("SALIENCY_MODELS_CONFIG", str(bad))
+    get_settings.cache_clear()
+    try:
+        assert main(["serve", "--port", "0"]) == 2
+    finally:
+        get_settings.cache_clear()
+    assert "architecture" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("route", IMAGE_ROUTES)
+def test_the_documented_json_example_works(spec: dict[str, Any], client: TestClient, route: str) -> None:
+    media = spec["paths"][f"/v1/models/{{model}}/{route}"]["post"]["requestBody"]["content"]["application/json"]
+    r = client.post(f"/v1/models/tiny/{route}", json=media["example"])
+    assert r.status_code == 200, r.text

@@ -7,6 +7,7 @@ affine parameters.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import pytest
@@ -157,10 +158,26 @@ def test_prepared_copy_computes_the_same_logits_and_input_gradients(
     ref_out, ref_grad = logits_and_grad(model, x)
     out, grad = logits_and_grad(prepared, x)
     torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4 * float(ref_out.abs().max()))
-    # a gradient may flip at a ReLU kink under rounding: compare in norm, and nearly all elements
-    assert close(ref_grad, grad, 1e-3, norm=True)
-    near = torch.isclose(grad, ref_grad, rtol=1e-3, atol=1e-4 * float(ref_grad.abs().max()))
-    assert float(near.float().mean()) > 0.999
+    # a rounding-level change may flip a unit at a ReLU kink, which moves the input gradient by
+    # up to ~0.5 % (see prepare._equivalent): compare in norm
+    assert close(ref_grad, grad, 2e-2, norm=True)
+
+
+def test_folding_is_exact_in_float64(arch: tuple[str, nn.Module, nn.Module, int]) -> None:
+    """Fold in float64 and compare in float64: no rounding, so logits and gradients agree tightly."""
+    import service.explainers.prepare as prepare
+
+    _, model, _, folds = arch
+    plain = copy.deepcopy(model).double()
+    probe = prepare._probe(prepare_model(model, optimize=False), None)
+    assert probe is not None and len(probe.pairs) == folds
+    folded = copy.deepcopy(plain)
+    fold_pairs(folded, probe.pairs)
+    x = image(size=32).double()
+    ref_out, ref_grad = logits_and_grad(plain, x)
+    out, grad = logits_and_grad(folded, x)
+    assert close(ref_out, out, 1e-10, norm=False)
+    assert close(ref_grad, grad, 1e-10, norm=True)
 
 
 def test_prepared_copy_keeps_every_module_name(arch: tuple[str, nn.Module, nn.Module, int]) -> None:
@@ -363,3 +380,10 @@ def test_a_model_that_cannot_run_the_probe_is_copied_plainly() -> None:
     prepared = prepare_model(model)
     assert isinstance(prepared.get_submodule("bn"), nn.BatchNorm2d)
     assert not any(p.requires_grad for p in prepared.parameters())
+
+
+def test_torchscript_is_used_as_it_is() -> None:
+    scripted = torch.jit.script(randomise_batchnorms(ConvBn()))
+    state = {k: v.clone() for k, v in scripted.state_dict().items()}
+    assert prepare_model(scripted) is scripted
+    assert all(torch.equal(v, state[k]) for k, v in scripted.state_dict().items())
