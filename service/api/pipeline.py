@@ -18,7 +18,7 @@ from service.api.responses import Prepared
 from service.config import Settings
 from service.errors import DeadlineExceeded, MethodNotApplicable, TooHeavy
 from service.explainers import ExplainParams, Explanation, get_method
-from service.imaging.decode import decode_image
+from service.imaging.decode import decode_upload
 from service.models.registry import LoadedModel
 
 
@@ -43,13 +43,7 @@ class Clock:
 def _prepare_all(settings: Settings, model: LoadedModel, images: list[bytes]) -> list[Prepared]:
     out: list[Prepared] = []
     for data in images:
-        image = decode_image(
-            data,
-            max_bytes=settings.max_upload_bytes,
-            max_pixels=settings.max_image_pixels,
-            min_size=settings.min_image_size,
-            background=settings.overlay_background,
-        )
+        image = decode_upload(data, settings)
         x, geometry = model.preprocess(image)
         out.append(Prepared(image=image, x=x, geometry=geometry))
     return out

@@ -139,10 +139,10 @@ def _has_conv(model: nn.Module) -> bool:
 
 
 def _random_input(model: nn.Module, size: int) -> Tensor:
-    """A seeded (N=2, C, size, size) normal input; the global RNG is left alone."""
+    """A seeded (1, C, size, size) normal input; the global RNG is left alone."""
     channels = next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), 3)
     g = torch.Generator().manual_seed(0)
-    return torch.randn(2, channels, size, size, generator=g).to(_device_of(model))
+    return torch.randn(1, channels, size, size, generator=g).to(_device_of(model))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Images in, maps out: decoding uploads (limits, EXIF, colour modes), the geometry between the
 upload and the model input, and rendering (colormaps, overlays, PNG, ``.npy``, JSON lists)."""
 
-from service.imaging.decode import decode_image
+from service.imaging.decode import decode_image, decode_upload
 from service.imaging.geometry import Geometry, preprocess, to_original
 from service.imaging.render import (
     COLORMAPS,
@@ -22,6 +22,7 @@ __all__ = [
     "colorize",
     "compare_grid",
     "decode_image",
+    "decode_upload",
     "encode_png",
     "heatmap_png",
     "normalize",

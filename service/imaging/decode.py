@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -22,6 +23,9 @@ from service.errors import (
     SaliencyError,
     UnsupportedImage,
 )
+
+if TYPE_CHECKING:
+    from service.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +77,18 @@ def decode_image(
     except Exception as exc:  # any other failure on client bytes is a corrupt image, never a 500
         log.debug("image decode failed: %r", exc)
         raise CorruptImage(f"the image could not be decoded ({type(exc).__name__})", field="image") from None
+
+
+def decode_upload(data: bytes, settings: Settings) -> Image.Image:
+    """``decode_image`` with the service's limits (upload bytes, decoded pixels, minimum size)
+    and its overlay background, as every route and worker decodes an upload."""
+    return decode_image(
+        data,
+        max_bytes=settings.max_upload_bytes,
+        max_pixels=settings.max_image_pixels,
+        min_size=settings.min_image_size,
+        background=settings.overlay_background,
+    )
 
 
 def _decode(data: bytes, *, max_pixels: int, min_size: int, background: tuple[int, int, int]) -> Image.Image:

@@ -21,7 +21,7 @@ from torch import Tensor
 from service.config import Settings
 from service.errors import Cancelled, SaliencyError
 from service.explainers import ExplainParams, Explanation, ModelHandle, explain, get_method
-from service.imaging.decode import decode_image
+from service.imaging.decode import decode_upload
 from service.imaging.geometry import Geometry
 from service.metrics import Metrics
 from service.models.registry import LoadedModel
@@ -139,17 +139,10 @@ class JobRunner:
         return status if self.store.finish(record.id, lease.token, status, error=error) else None
 
     def _prepare(self, loaded: LoadedModel, images: list[bytes]) -> tuple[Tensor, list[Geometry]]:
-        s = self.settings
         xs: list[Tensor] = []
         geometries: list[Geometry] = []
         for data in images:
-            image = decode_image(
-                data,
-                max_bytes=s.max_upload_bytes,
-                max_pixels=s.max_image_pixels,
-                min_size=s.min_image_size,
-                background=s.overlay_background,
-            )
+            image = decode_upload(data, self.settings)
             x, geometry = loaded.preprocess(image)
             xs.append(x)
             geometries.append(geometry)

@@ -11,13 +11,12 @@ from __future__ import annotations
 import io
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from api_helpers import encode, make_settings, sample_image, wait_ready
+from api_helpers import encode, make_settings, sample_image
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -31,17 +30,11 @@ SIZES = [(80, 50), (48, 72), (64, 64)]
 
 @pytest.fixture(scope="module")
 def app(tiny_config: Path) -> FastAPI:
+    """This module's app; conftest's ``client`` fixture serves it."""
     settings = make_settings(
         tiny_config, warmup=False, job_queue_size=3, job_max_images=4, job_retention_s=600
     )
     return create_app(settings)
-
-
-@pytest.fixture(scope="module")
-def client(app: FastAPI) -> Iterator[TestClient]:
-    with TestClient(app, raise_server_exceptions=False) as c:
-        wait_ready(c)
-        yield c
 
 
 @pytest.fixture(scope="module")

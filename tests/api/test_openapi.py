@@ -136,6 +136,8 @@ def test_cli_serve_refuses_a_broken_config(
 
 @pytest.mark.parametrize("route", IMAGE_ROUTES)
 def test_the_documented_json_example_works(spec: dict[str, Any], client: TestClient, route: str) -> None:
-    media = spec["paths"][f"/v1/models/{{model}}/{route}"]["post"]["requestBody"]["content"]["application/json"]
+    media = spec["paths"][f"/v1/models/{{model}}/{route}"]["post"]["requestBody"]["content"][
+        "application/json"
+    ]
     r = client.post(f"/v1/models/tiny/{route}", json=media["example"])
     assert r.status_code == 200, r.text

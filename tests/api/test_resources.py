@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from helpers import resnet18_info
 
 from service.explainers import all_methods
 
@@ -14,17 +15,9 @@ def test_models_list_model_info(app: FastAPI, client: TestClient) -> None:
     models = r.json()["models"]
     assert [m["name"] for m in models] == ["tiny", "tiny_crop"]
     tiny = models[0]
-    assert tiny == {
-        "name": "tiny",
-        "source": "torchvision",
-        "architecture": "resnet18",
-        "num_classes": 10,
-        "input_size": [3, 64, 64],
-        "device": "cpu",
-        "target_layer": "layer4",
-        "methods": app.state.services.registry.get("tiny").methods(),
-        "ready": True,
-    }
+    assert tiny == resnet18_info(
+        "tiny", methods=app.state.services.registry.get("tiny").methods(), ready=True
+    )
     assert set(tiny["methods"]) == {m.name for m in all_methods()}  # a plain CNN supports them all
     assert client.get("/v1/models/tiny_crop").json() == models[1]
 

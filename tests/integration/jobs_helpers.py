@@ -1,120 +1,30 @@
-"""Helpers of the job integration tests: a Redis server, a tiny model config, real processes.
+"""Helpers of the job integration tests: a tiny model config, real processes, Redis clean-up.
 
-Redis: ``SALIENCY_TEST_REDIS_URL`` (``.ci/run`` starts one); without it, a ``redis-server`` on the
-PATH is started for the session. ``SALIENCY_REQUIRE_REDIS=1`` makes a missing Redis a failure.
-Every process started here is stopped by its own id; every wait is bounded.
+The Redis server itself, ``until`` and ``free_port`` are in ``tests/helpers.py``. Every process
+started here is stopped by its own id; every wait is bounded.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
-import pytest
 import torch
 import torchvision
+from helpers import free_port, until
 from PIL import Image
-
-WAIT_S = 180.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def until(predicate: Callable[[], Any], what: str, timeout: float = WAIT_S, every: float = 0.05) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(every)
 
 
 # ------------------------------------------------------------------------------------------------
 # Redis
 # ------------------------------------------------------------------------------------------------
-def _missing(why: str) -> None:
-    if os.environ.get("SALIENCY_REQUIRE_REDIS") == "1":
-        pytest.fail(f"SALIENCY_REQUIRE_REDIS=1 but {why}")
-    pytest.skip(why)
-
-
-@contextlib.contextmanager
-def redis_server() -> Iterator[str]:
-    """The URL of a live Redis server (the CI's, or one started here)."""
-    import redis
-
-    url = os.environ.get("SALIENCY_TEST_REDIS_URL")
-    proc = None
-    folder = None
-    if not url:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            _missing("no Redis: set SALIENCY_TEST_REDIS_URL or install redis-server")
-        port = free_port()
-        folder = tempfile.mkdtemp()
-        proc = subprocess.Popen(
-            [
-                binary,
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                folder,
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url, socket_connect_timeout=2)
-    try:
-        until(lambda: _pings(client), f"Redis at {url}", timeout=20)
-    except AssertionError:
-        _missing(f"Redis at {url} does not answer")
-    finally:
-        client.close()
-    try:
-        yield url
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(30)
-        if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _pings(client: Any) -> bool:
-    import redis
-
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
-
-
 def drop_namespace(url: str, namespace: str) -> None:
     import redis
 

@@ -19,12 +19,11 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from helpers import WAIT_S, redis_server
 from jobs_helpers import (
-    WAIT_S,
     drop_namespace,
     files,
     png,
-    redis_server,
     service_env,
     start_api,
     start_worker,

@@ -297,12 +297,14 @@ def test_result_does_not_depend_on_batch_or_batch_size(arch: str, method: str) -
     if r.alone is None:
         pytest.skip("heavy method: see test_small_model_result_does_not_depend_on_batch")
     assert torch.equal(r.alone.targets, r.out.targets[1:])
-    # the same numbers up to float32 rounding (convolutions may pick other kernels per batch size);
-    # in norm, since a gradient may flip at a ReLU kink
-    assert relative_error(r.alone.maps, r.out.maps[1:]) < 1e-3
+    # The same numbers up to float32 rounding, which convolutions do differently per batch size.
+    # On these random networks some methods amplify it (XGrad-CAM divides by Σ A_k, which can be
+    # near zero: 3 % seen on densenet121), so this only catches images or targets getting mixed
+    # up (an O(1) error); the tight check runs on ``Flaky`` (test_small_model_…).
+    assert relative_error(r.alone.maps, r.out.maps[1:]) < 0.1
     if r.out.attributions is not None:
         assert r.alone.attributions is not None
-        assert relative_error(r.alone.attributions, r.out.attributions[1:]) < 1e-3
+        assert relative_error(r.alone.attributions, r.out.attributions[1:]) < 0.1
 
 
 @pytest.mark.parametrize(("arch", "method"), COMBOS)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from captum.attr import Deconvolution, GuidedBackprop, GuidedGradCam, InputXGradient, Saliency
+from helpers import random_mnasnet, random_resnet18, with_reference
 from torch import Tensor, nn
 
 from service.errors import Cancelled, MethodNotApplicable
@@ -241,21 +242,10 @@ def close(ours: Tensor, ref: Tensor, rel: float = 1e-4) -> None:
     torch.testing.assert_close(ours, ref, atol=rel * scale, rtol=1e-3)
 
 
-def _resnet18() -> nn.Module:
-    torch.manual_seed(0)
-    return torchvision.models.resnet18(num_classes=10).eval()
-
-
-def _mnasnet() -> nn.Module:
-    torch.manual_seed(1)
-    return torchvision.models.mnasnet0_5(num_classes=10).eval()
-
-
 @pytest.fixture(scope="module")
 def resnet18() -> tuple[ModelHandle, nn.Module]:
     """A random-init resnet18 handle (prepared copies cached across tests) and a reference copy."""
-    model = _resnet18()
-    return ModelHandle(module=model, name="resnet18"), copy.deepcopy(model)
+    return with_reference(random_resnet18(), "resnet18")
 
 
 @pytest.fixture(scope="module", params=["resnet18", "mnasnet0_5"])
@@ -265,8 +255,7 @@ def zoo(
     if request.param == "resnet18":
         handle, reference = resnet18
     else:
-        model = _mnasnet()
-        handle, reference = ModelHandle(module=model, name="mnasnet0_5"), copy.deepcopy(model)
+        handle, reference = with_reference(random_mnasnet(), "mnasnet0_5")
     torch.manual_seed(2)
     x = torch.randn(2, 3, 48, 48)
     return handle, reference, x

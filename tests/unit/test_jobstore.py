@@ -10,11 +10,6 @@ into the running set directly and an expired job is one whose keys are gone (as 
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import redis_server
 
 from service.errors import JobExpired, JobNotFinished, JobNotFound, Overloaded
 from service.explainers import ExplainParams, Explanation
@@ -36,67 +32,10 @@ RETENTION_S = 60
 # ------------------------------------------------------------------------------------------------
 # a Redis server
 # ------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _missing(why: str) -> None:
-    if os.environ.get("SALIENCY_REQUIRE_REDIS") == "1":
-        pytest.fail(f"SALIENCY_REQUIRE_REDIS=1 but {why}")
-    pytest.skip(why)
-
-
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
-    import redis
-
-    url = os.environ.get("SALIENCY_TEST_REDIS_URL")
-    proc = None
-    folder = None
-    if not url:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            _missing("no Redis: set SALIENCY_TEST_REDIS_URL or install redis-server")
-        port = _free_port()
-        folder = tempfile.mkdtemp()
-        proc = subprocess.Popen(
-            [
-                binary,
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                folder,
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url, socket_connect_timeout=2)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline:
-                _missing(f"Redis at {url} does not answer")
-            time.sleep(0.05)
-    client.close()
-    try:
+    with redis_server() as url:
         yield url
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(30)
-        if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 class Clock:

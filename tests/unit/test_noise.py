@@ -6,10 +6,9 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
-import torchvision
 from captum.attr import IntegratedGradients as CaptumIG
 from captum.attr import Saliency as CaptumSaliency
+from helpers import SEEN, Recorder, random_mnasnet, random_resnet18
 from torch import Tensor, nn
 
 from service.explainers import ExplainParams, ModelHandle, explain
@@ -100,14 +99,12 @@ def test_zero_noise_is_the_inner_method() -> None:
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def resnet18() -> ModelHandle:
-    torch.manual_seed(0)
-    return ModelHandle(module=torchvision.models.resnet18(num_classes=10).eval(), name="resnet18")
+    return ModelHandle(module=random_resnet18(), name="resnet18")
 
 
 @pytest.fixture(scope="module")
 def mnasnet() -> ModelHandle:
-    torch.manual_seed(1)
-    return ModelHandle(module=torchvision.models.mnasnet0_5(num_classes=10).eval(), name="mnasnet0_5")
+    return ModelHandle(module=random_mnasnet(), name="mnasnet0_5")
 
 
 def close(ours: Tensor, ref: Tensor, rel: float = 1e-4) -> None:
@@ -205,20 +202,6 @@ def test_an_image_alone_or_in_a_batch_gets_the_same_result(resnet18: ModelHandle
 # ------------------------------------------------------------------------------------------------
 # memory and progress
 # ------------------------------------------------------------------------------------------------
-SEEN: list[int] = []  # module-level so that the engine's private deep copy records here too
-
-
-class Recorder(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.fc = nn.Linear(4, 5)
-
-    def forward(self, x: Tensor) -> Tensor:
-        SEEN.append(x.shape[0])
-        return self.fc(F.adaptive_avg_pool2d(torch.relu(self.conv(x)), 1).flatten(1))
-
-
 @pytest.mark.parametrize(("method", "per_copy"), [("smoothgrad", 1), ("smooth_ig", 5 + 2)])
 @pytest.mark.parametrize("samples", [2, 9])
 def test_chunks_bound_memory_and_progress_adds_up(method: str, per_copy: int, samples: int) -> None:

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-import torchvision
 from captum.attr import IntegratedGradients as CaptumIG
+from helpers import SEEN, Recorder, random_mnasnet, random_resnet18, with_reference
 from torch import Tensor, nn
 
 from service.errors import InvalidParameter
@@ -226,15 +223,9 @@ def test_gaussian_blur() -> None:
 # ------------------------------------------------------------------------------------------------
 # completeness
 # ------------------------------------------------------------------------------------------------
-def _resnet18() -> nn.Module:
-    torch.manual_seed(0)
-    return torchvision.models.resnet18(num_classes=10).eval()
-
-
 @pytest.fixture(scope="module")
 def resnet18() -> tuple[ModelHandle, nn.Module]:
-    model = _resnet18()
-    return ModelHandle(module=model, name="resnet18"), copy.deepcopy(model)
+    return with_reference(random_resnet18(), "resnet18")
 
 
 def _gap(model: nn.Module, x: Tensor, baseline: Tensor, targets: Tensor) -> Tensor:
@@ -288,19 +279,13 @@ def test_completeness_on_resnet18(resnet18: tuple[ModelHandle, nn.Module]) -> No
 # ------------------------------------------------------------------------------------------------
 # agreement with Captum on random-init torchvision models
 # ------------------------------------------------------------------------------------------------
-def _mnasnet() -> nn.Module:
-    torch.manual_seed(1)
-    return torchvision.models.mnasnet0_5(num_classes=10).eval()
-
-
 @pytest.fixture(scope="module", params=["resnet18", "mnasnet0_5"])
 def zoo(
     request: pytest.FixtureRequest, resnet18: tuple[ModelHandle, nn.Module]
 ) -> tuple[ModelHandle, nn.Module]:
     if request.param == "resnet18":
         return resnet18
-    model = _mnasnet()
-    return ModelHandle(module=model, name="mnasnet0_5"), copy.deepcopy(model)
+    return with_reference(random_mnasnet(), "mnasnet0_5")
 
 
 def close(ours: Tensor, ref: Tensor, rel: float = 1e-4) -> None:
@@ -365,20 +350,6 @@ def test_trapezoid_uses_the_papers_weights(zoo: tuple[ModelHandle, nn.Module]) -
 # ------------------------------------------------------------------------------------------------
 # memory, progress, batch independence
 # ------------------------------------------------------------------------------------------------
-SEEN: list[int] = []  # module-level so that the engine's private deep copy records here too
-
-
-class Recorder(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.fc = nn.Linear(4, 5)
-
-    def forward(self, x: Tensor) -> Tensor:
-        SEEN.append(x.shape[0])
-        return self.fc(F.adaptive_avg_pool2d(torch.relu(self.conv(x)), 1).flatten(1))
-
-
 @pytest.mark.parametrize("steps", [8, 64])
 def test_passes_run_in_chunks_and_progress_adds_up(steps: int) -> None:
     torch.manual_seed(12)

@@ -12,6 +12,7 @@ import pytest
 import timm
 import torch
 import torchvision
+from helpers import resnet18_info
 from PIL import Image
 from torch import Tensor, nn
 
@@ -90,17 +91,7 @@ def test_target_layer_auto_detected(small_registry: ModelRegistry) -> None:
 
 def test_model_info(small_registry: ModelRegistry) -> None:
     info = small_registry.get("tiny-resnet").info()
-    assert info == {
-        "name": "tiny-resnet",
-        "source": "torchvision",
-        "architecture": "resnet18",
-        "num_classes": 10,
-        "input_size": [3, 64, 64],
-        "device": "cpu",
-        "target_layer": "layer4",
-        "methods": info["methods"],
-        "ready": False,
-    }
+    assert info == resnet18_info("tiny-resnet", methods=info["methods"], ready=False)
     assert "gradcam" in info["methods"]
 
 

@@ -37,7 +37,7 @@ from service.api.responses import Prepared, render_explanation
 from service.api.schemas import Problem
 from service.config import Settings
 from service.errors import InvalidParameter, NotReady, SaliencyError
-from service.imaging.decode import decode_image
+from service.imaging.decode import decode_upload
 from service.imaging.geometry import Geometry
 from service.models.registry import LoadedModel
 from service.runtime.jobs import JobService, retry_after
@@ -347,13 +347,7 @@ def _check_images(settings: Settings, model: LoadedModel, images: list[bytes]) -
     """Decode and preprocess every upload now, so a bad one is refused before the job is queued."""
     for i, data in enumerate(images):
         try:
-            image = decode_image(
-                data,
-                max_bytes=settings.max_upload_bytes,
-                max_pixels=settings.max_image_pixels,
-                min_size=settings.min_image_size,
-                background=settings.overlay_background,
-            )
+            image = decode_upload(data, settings)
             model.preprocess(image)
         except SaliencyError as exc:
             exc.message = f"images[{i}]: {exc.message}"
@@ -381,13 +375,7 @@ def _render(
     def item(i: int, geometry: Geometry) -> Prepared:
         image = _placeholder()
         if image_bytes is not None and i == index:
-            image = decode_image(
-                image_bytes,
-                max_bytes=settings.max_upload_bytes,
-                max_pixels=settings.max_image_pixels,
-                min_size=settings.min_image_size,
-                background=settings.overlay_background,
-            )
+            image = decode_upload(image_bytes, settings)
         return Prepared(image=image, x=empty, geometry=geometry)
 
     items = [item(i, g) for i, g in enumerate(result.geometries)]
