@@ -29,6 +29,7 @@ def build_model(name: str, num_classes: int = 1000) -> nn.Module:
     """A randomly initialised classifier: a torchvision model name, else a timm one."""
     import torchvision
 
+    model: nn.Module
     if name in torchvision.models.list_models(module=torchvision.models):
         model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     else:

@@ -382,8 +382,23 @@ def test_a_model_that_cannot_run_the_probe_is_copied_plainly() -> None:
     assert not any(p.requires_grad for p in prepared.parameters())
 
 
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script.*is deprecated:FutureWarning")
 def test_torchscript_is_used_as_it_is() -> None:
     scripted = torch.jit.script(randomise_batchnorms(ConvBn()))
     state = {k: v.clone() for k, v in scripted.state_dict().items()}
     assert prepare_model(scripted) is scripted
     assert all(torch.equal(v, state[k]) for k, v in scripted.state_dict().items())
+
+
+def test_the_float64_check_used_off_the_cpu_accepts_a_fold_and_rejects_a_wrong_one() -> None:
+    import service.explainers.prepare as prepare
+
+    model = randomise_batchnorms(ConvBn())
+    folded = copy.deepcopy(model)
+    fold_pairs(folded, [("conv", "bn")])
+    x = image(1, 4)[:, :1]
+    assert prepare._equivalent(model, folded, x, float64=True)
+    with torch.no_grad():
+        folded.conv.bias.add_(1e-3)  # type: ignore[union-attr]
+    assert not prepare._equivalent(model, folded, x, float64=True)
+    assert model.conv.weight.dtype == folded.conv.weight.dtype == torch.float32  # copies were cast
