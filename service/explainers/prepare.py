@@ -14,10 +14,18 @@ changing what it computes beyond float32 rounding and without changing its modul
   rewrite would call the leaves directly and silently skip them).
 * **channels_last** weights and buffers (so every convolution runs on NHWC kernels; the input
   may stay NCHW, the first convolution converts). Measured on this project's shared 2-core CPU
-  (torch 2.14, oneDNN; best of 5, interleaved), batch-32 224×224 forward + input-gradient, as a
-  fraction of the eager model's time: resnet18 BN-folded 1.14×, folded + channels_last 0.67×;
-  tf_efficientnet_lite0 folded 0.87×, folded + channels_last 0.63×. It helps on the CPU as it
-  does with cuDNN on CUDA, so it is used on both whenever the model has a convolution.
+  (torch 2.14, oneDNN, 2 threads; medians of 3–5 interleaved rounds), batch-32 224×224
+  forward + input-gradient, as a fraction of the eager model's time:
+
+  ======================  ===========  =============  ======================
+  model                   BN folded    channels_last  folded + channels_last
+  ======================  ===========  =============  ======================
+  resnet18                0.97×        0.92×          0.80×
+  tf_efficientnet_lite0   0.59×        0.73×          0.45×
+  ======================  ===========  =============  ======================
+
+  channels_last helps on the CPU as it does with cuDNN on CUDA, so it is used on both whenever
+  the model has a convolution.
 
 Conv→BN pairs are found without tracing: one forward pass on a random input, with hooks that
 record each convolution's output tensor and each BatchNorm's input tensor. A pair folds only when
@@ -26,7 +34,7 @@ tensor (checked with a ``TorchFunctionMode`` that sees every torch call), each m
 the convolution's weight is not shared and neither module carries hooks or parametrizations, and
 the ``keep`` layer's output is not that tensor (hooking a folded convolution would see the
 BatchNorm's output). Finally the optimised copy's logits and input gradients are compared with the
-unoptimised copy's on the same random input; if they differ beyond float32 rounding, the plain
+unoptimised copy's on the same random input (``_equivalent``); if they differ beyond rounding, the plain
 copy is returned instead.
 """
 
