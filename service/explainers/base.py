@@ -242,9 +242,6 @@ class RunContext:
     cancel: CancelFn | None = None
     layer: str | None = None
     done_passes: int = 0
-    #: Set by the engine when the method picks each image's top-1 target from its own first
-    #: forward pass (``Method.picks_targets``): the (logits, targets) of each chunk, in row order.
-    picked: list[tuple[Tensor, Tensor]] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -299,18 +296,6 @@ class RunContext:
             raise TypeError("the model must return a tensor of logits")
         return out.float()
 
-    def pick(self, logits: Tensor, targets: Tensor) -> Tensor:
-        """The targets of these rows: as given, or (when the engine left the choice to this pass)
-        each row's top-1 class, recorded with the logits for the engine's scores.
-
-        Saves the separate forward pass the engine would otherwise run to choose the targets.
-        """
-        if self.picked is None:
-            return targets
-        chosen = logits.detach().argmax(dim=1)
-        self.picked.append((logits.detach().float(), chosen))
-        return chosen
-
     def input_gradients(self, x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """∂ logit[target] / ∂ x for each row, and the rows' target logits. One forward+backward.
 
@@ -319,7 +304,6 @@ class RunContext:
         x = x.detach().requires_grad_(True)
         with torch.enable_grad():
             logits = self.forward(x)
-            targets = self.pick(logits, targets)
             selected = logits.gather(1, targets.view(-1, 1)).squeeze(1)
             (grad,) = torch.autograd.grad(selected.sum(), x)
         return grad.float(), selected.detach()
@@ -338,10 +322,6 @@ class Method(ABC):
     uses: ClassVar[frozenset[str]] = frozenset({"batch_size", "autocast"})
     signed: ClassVar[bool] = False
     needs_layer: ClassVar[bool] = False
-    #: True when ``attribute`` runs each row through exactly one ``RunContext.pick`` (via
-    #: ``input_gradients`` or ``layer_gradients``), in row order, on the clean input: the engine
-    #: then lets that pass choose the top-1 targets instead of running a forward pass of its own.
-    picks_targets: ClassVar[bool] = False
 
     def check(self, handle: ModelHandle, params: ExplainParams) -> None:  # noqa: B027
         """Raise ``MethodNotApplicable`` if this model cannot be explained this way."""

@@ -25,7 +25,6 @@ class GradientCam(Method):
 
     family = "cam"
     needs_layer = True
-    picks_targets = True
     uses: ClassVar[frozenset[str]] = frozenset({"layer", "batch_size", "autocast"})
 
     def attribute(self, ctx: RunContext, x: Tensor, targets: Tensor) -> Attribution:
@@ -53,7 +52,6 @@ def layer_gradients(ctx: RunContext, x: Tensor, targets: Tensor) -> tuple[Tensor
     with capture(ctx.model, ctx.layer, leaf=True) as cap, torch.enable_grad():
         logits = ctx.forward(x.detach())
         act = cap.get()
-        targets = ctx.pick(logits, targets)
         selected = logits.gather(1, targets.view(-1, 1)).sum()
         (grad,) = torch.autograd.grad(selected, act)
     return act.detach().float(), grad.float()

@@ -80,25 +80,18 @@ def explain(
     m.check(handle, params)
 
     n, _, h, w = x.shape
-    # Top-1 targets of a method that runs one clean forward per row are chosen by that forward:
-    # no separate pass of the engine's own (placeholder targets until the method picks them).
-    lazy = targets is None and top_k == 1 and m.picks_targets
     with handle.lock:
         model = handle.prepared(keep=layer)
         xd = x.detach().to(handle.device, torch.float32)
-        if lazy:
-            logits = tk = None
-            k = 1
-            pairs_x, pairs_t = xd, torch.full((n,), -1, dtype=torch.int64, device=handle.device)
-        else:
-            with torch.inference_mode():
-                logits = torch.cat(
-                    [model(xd[s : s + params.batch_size]).float() for s in range(0, n, params.batch_size)]
-                )
-            tk = resolve_targets(logits.cpu(), targets, top_k).to(handle.device)
-            k = tk.shape[1]
-            pairs_x = xd.repeat_interleave(k, dim=0) if k > 1 else xd
-            pairs_t = tk.reshape(-1)
+        with torch.inference_mode():
+            logits = torch.cat(
+                [model(xd[s : s + params.batch_size]).float() for s in range(0, n, params.batch_size)]
+            )
+        tk = resolve_targets(logits.cpu(), targets, top_k).to(handle.device)
+        k = tk.shape[1]
+        probs = logits.softmax(dim=1)
+        pairs_x = xd.repeat_interleave(k, dim=0) if k > 1 else xd
+        pairs_t = tk.reshape(-1)
         ctx = RunContext(
             handle=handle,
             model=model,
@@ -107,16 +100,8 @@ def explain(
             progress=progress,
             cancel=cancel,
             layer=layer,
-            picked=[] if lazy else None,
         )
         out = m.attribute(ctx, pairs_x, pairs_t)
-    if ctx.picked is not None:
-        logits = torch.cat([lg for lg, _ in ctx.picked])
-        tk = torch.cat([t for _, t in ctx.picked]).view(-1, 1)
-        if tk.shape[0] != n:
-            raise RuntimeError(f"{m.name} picked {tk.shape[0]} targets for {n} images")
-    assert logits is not None and tk is not None
-    probs = logits.softmax(dim=1)
 
     maps = out.maps.float()
     if maps.dim() == 4:

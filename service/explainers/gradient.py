@@ -50,7 +50,6 @@ class InputGradientMethod(PixelMethod):
     """Shared engine: ∂y_c/∂x per chunk (under ``rectifier``'s backward rule), then ``combine``."""
 
     family = "gradient"
-    picks_targets = True
     rectifier: ClassVar[RectifierRule | None] = None
 
     def check(self, handle: ModelHandle, params: ExplainParams) -> None:
