@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import service  # noqa: F401  (sets MKL_CBWR before torch's first computation)
+
 ROOT = Path(__file__).resolve().parent
 
 

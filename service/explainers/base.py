@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Literal, TypeVar, get_args
 import torch
 from torch import Tensor, nn
 
-from service.errors import DuplicateName, InvalidParameter, UnknownMethod
+from service.errors import DuplicateName, InvalidParameter, TargetOutOfRange, UnknownMethod
 
 Family = Literal["cam", "gradient", "path", "perturbation"]
 Baseline = Literal["black", "white", "mean", "blur", "uniform"]
@@ -223,6 +223,13 @@ class Explanation:
         )
 
 
+def check_target_range(targets: Tensor, num_classes: int) -> None:
+    """``TargetOutOfRange`` unless every class index is in ``[0, num_classes)``."""
+    bad = (targets < 0) | (targets >= num_classes)
+    if bool(bad.any()):
+        raise TargetOutOfRange(f"target {int(targets[bad][0])} is outside [0, {num_classes})", field="target")
+
+
 # ------------------------------------------------------------------------------------------------
 # the run context a method receives
 # ------------------------------------------------------------------------------------------------
@@ -242,6 +249,11 @@ class RunContext:
     cancel: CancelFn | None = None
     layer: str | None = None
     done_passes: int = 0
+    #: Set by the engine when the method's own clean pass supplies the targets' scores
+    #: (``Method.picks_targets``): the (logits, targets) of each chunk, in row order.
+    picked: list[tuple[Tensor, Tensor]] | None = None
+    #: With ``picked``: True when that pass also chooses each row's target (its top-1 class).
+    pick_top1: bool = False
 
     @property
     def device(self) -> torch.device:
@@ -296,14 +308,36 @@ class RunContext:
             raise TypeError("the model must return a tensor of logits")
         return out.float()
 
-    def input_gradients(self, x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    def pick(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """The targets of these clean rows, recorded with their logits when the engine asked.
+
+        Outside ``picked`` mode: ``targets`` as given. In it: each row's top-1 class when
+        ``pick_top1``, else ``targets`` checked against the class count (``TargetOutOfRange``);
+        either way (logits, targets) is appended to ``picked`` for the engine's scores. This is how
+        a method's first pass replaces the separate forward the engine would otherwise run.
+        """
+        if self.picked is None:
+            return targets
+        logits = logits.detach().float()
+        if self.pick_top1:
+            targets = logits.argmax(dim=1)
+        else:
+            check_target_range(targets, logits.shape[1])
+        self.picked.append((logits, targets))
+        return targets
+
+    def input_gradients(self, x: Tensor, targets: Tensor, *, clean: bool = False) -> tuple[Tensor, Tensor]:
         """∂ logit[target] / ∂ x for each row, and the rows' target logits. One forward+backward.
 
-        Only the input requires grad, so no parameter gradient is ever computed.
+        Only the input requires grad, so no parameter gradient is ever computed. ``clean``: these
+        rows are the engine's input rows, so their logits go through ``pick`` (which may choose
+        the targets).
         """
         x = x.detach().requires_grad_(True)
         with torch.enable_grad():
             logits = self.forward(x)
+            if clean:
+                targets = self.pick(logits, targets)
             selected = logits.gather(1, targets.view(-1, 1)).squeeze(1)
             (grad,) = torch.autograd.grad(selected.sum(), x)
         return grad.float(), selected.detach()
@@ -322,6 +356,11 @@ class Method(ABC):
     uses: ClassVar[frozenset[str]] = frozenset({"batch_size", "autocast"})
     signed: ClassVar[bool] = False
     needs_layer: ClassVar[bool] = False
+    #: True when ``attribute`` passes every row's clean-input logits through ``RunContext.pick``
+    #: exactly once, in row order, before it needs the row's target (``input_gradients`` and
+    #: ``layer_gradients`` with ``clean=True``, IG's endpoint pass): the engine then takes the
+    #: scores, and the top-1 targets, from that pass instead of running a forward pass of its own.
+    picks_targets: ClassVar[bool] = False
 
     def check(self, handle: ModelHandle, params: ExplainParams) -> None:  # noqa: B027
         """Raise ``MethodNotApplicable`` if this model cannot be explained this way."""

@@ -25,13 +25,14 @@ class GradientCam(Method):
 
     family = "cam"
     needs_layer = True
+    picks_targets = True
     uses: ClassVar[frozenset[str]] = frozenset({"layer", "batch_size", "autocast"})
 
     def attribute(self, ctx: RunContext, x: Tensor, targets: Tensor) -> Attribution:
         assert ctx.layer is not None
         maps: list[Tensor] = []
         for sl in ctx.chunks(x.shape[0]):
-            act, grad = layer_gradients(ctx, x[sl], targets[sl])
+            act, grad = layer_gradients(ctx, x[sl], targets[sl], clean=True)
             maps.append(self.combine(act, grad))
             ctx.advance(sl.stop - sl.start)
         return Attribution(maps=torch.cat(maps))
@@ -46,12 +47,19 @@ class GradientCam(Method):
         raise NotImplementedError
 
 
-def layer_gradients(ctx: RunContext, x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """Target-layer activations and ∂ logit[target] / ∂ activations, both float32 (n, C, h, w)."""
+def layer_gradients(
+    ctx: RunContext, x: Tensor, targets: Tensor, *, clean: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Target-layer activations and ∂ logit[target] / ∂ activations, both float32 (n, C, h, w).
+
+    ``clean``: as in ``RunContext.input_gradients``.
+    """
     assert ctx.layer is not None
     with capture(ctx.model, ctx.layer, leaf=True) as cap, torch.enable_grad():
         logits = ctx.forward(x.detach())
         act = cap.get()
+        if clean:
+            targets = ctx.pick(logits, targets)
         selected = logits.gather(1, targets.view(-1, 1)).sum()
         (grad,) = torch.autograd.grad(selected, act)
     return act.detach().float(), grad.float()

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from service.errors import InvalidParameter, TargetOutOfRange
+from service.errors import InvalidParameter
 from service.explainers.base import (
     CancelFn,
     ExplainParams,
@@ -17,6 +17,7 @@ from service.explainers.base import (
     ModelHandle,
     ProgressFn,
     RunContext,
+    check_target_range,
     get_method,
 )
 
@@ -33,6 +34,16 @@ def predict(handle: ModelHandle, x: Tensor, *, batch_size: int = 32) -> Tensor:
     return torch.cat(outs) if outs else torch.empty(0, 0)
 
 
+def target_pairs(targets: TargetSpec, n: int) -> Tensor:
+    """The given targets as (N, K) int64, one or more per image (range checked later)."""
+    t = torch.as_tensor(targets, dtype=torch.int64)
+    if t.dim() == 1:
+        t = t.view(-1, 1)
+    if t.dim() != 2 or t.shape[0] != n or t.shape[1] < 1:
+        raise InvalidParameter(f"need one or more targets for each of the {n} images", field="target")
+    return t
+
+
 def resolve_targets(logits: Tensor, targets: TargetSpec, top_k: int) -> Tensor:
     """(N, K) int64 class indices: the given ones (checked against the class count) or the top-k."""
     n, num_classes = logits.shape
@@ -40,14 +51,8 @@ def resolve_targets(logits: Tensor, targets: TargetSpec, top_k: int) -> Tensor:
         if not 1 <= top_k <= num_classes:
             raise InvalidParameter(f"top_k must be in [1, {num_classes}] (got {top_k})", field="top_k")
         return logits.topk(top_k, dim=1).indices
-    t = torch.as_tensor(targets, dtype=torch.int64)
-    if t.dim() == 1:
-        t = t.view(-1, 1)
-    if t.shape[0] != n or t.dim() != 2 or t.shape[1] < 1:
-        raise InvalidParameter(f"need one or more targets for each of the {n} images", field="target")
-    if bool(((t < 0) | (t >= num_classes)).any()):
-        bad = int(t[(t < 0) | (t >= num_classes)][0])
-        raise TargetOutOfRange(f"target {bad} is outside [0, {num_classes})", field="target")
+    t = target_pairs(targets, n)
+    check_target_range(t, num_classes)
     return t
 
 
@@ -80,28 +85,46 @@ def explain(
     m.check(handle, params)
 
     n, _, h, w = x.shape
+    # A method whose own first pass sees every clean row (``picks_targets``) supplies the scores,
+    # and the top-1 targets, from that pass: no forward pass of the engine's own. Top-k needs the
+    # logits before the method runs, so it keeps the separate pass.
+    given = None if targets is None else target_pairs(targets, n)
+    own_pass = m.picks_targets and (given is not None or top_k == 1)
     with handle.lock:
         model = handle.prepared(keep=layer)
         xd = x.detach().to(handle.device, torch.float32)
-        with torch.inference_mode():
-            logits = torch.cat(
-                [model(xd[s : s + params.batch_size]).float() for s in range(0, n, params.batch_size)]
-            )
-        tk = resolve_targets(logits.cpu(), targets, top_k).to(handle.device)
-        k = tk.shape[1]
-        probs = logits.softmax(dim=1)
-        pairs_x = xd.repeat_interleave(k, dim=0) if k > 1 else xd
-        pairs_t = tk.reshape(-1)
         ctx = RunContext(
             handle=handle,
             model=model,
             params=params,
-            total_passes=m.passes(params) * pairs_t.numel(),
             progress=progress,
             cancel=cancel,
             layer=layer,
+            picked=[] if own_pass else None,
+            pick_top1=given is None,
         )
-        out = m.attribute(ctx, pairs_x, pairs_t)
+        if own_pass:  # the method's pass checks the range of given targets, or chooses them
+            tk = given if given is not None else torch.full((n, 1), -1, dtype=torch.int64)
+        else:
+            with torch.inference_mode():
+                logits = torch.cat([ctx.forward(xd[sl]) for sl in ctx.chunks(n)])
+            tk = resolve_targets(logits.cpu(), given, top_k)
+        tk = tk.to(handle.device)
+        k = tk.shape[1]
+        pairs_x = xd.repeat_interleave(k, dim=0) if k > 1 else xd
+        ctx.total_passes = m.passes(params) * n * k
+        out = m.attribute(ctx, pairs_x, tk.reshape(-1))
+    if ctx.picked is not None:
+        scored = sum(t.shape[0] for _, t in ctx.picked)
+        if scored != n * k:
+            raise RuntimeError(f"{m.name} scored {scored} of its {n * k} rows")
+        pair_logits = torch.cat([lg for lg, _ in ctx.picked])
+        tk = torch.cat([t for _, t in ctx.picked]).view(n, k)
+    else:
+        pair_logits = logits.repeat_interleave(k, dim=0) if k > 1 else logits
+    pair_t = tk.reshape(-1, 1)
+    scores = pair_logits.softmax(dim=1).gather(1, pair_t).view(n, k)
+    target_logits = pair_logits.gather(1, pair_t).view(n, k)
 
     maps = out.maps.float()
     if maps.dim() == 4:
@@ -114,8 +137,8 @@ def explain(
         params=params,
         maps=maps.reshape(n, k, h, w).cpu(),
         targets=tk.cpu(),
-        scores=probs.gather(1, tk).cpu(),
-        logits=logits.gather(1, tk).cpu(),
+        scores=scores.cpu(),
+        logits=target_logits.cpu(),
         attributions=None
         if attributions is None
         else attributions.float().reshape(n, k, *attributions.shape[1:]).cpu(),

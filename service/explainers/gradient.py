@@ -50,6 +50,7 @@ class InputGradientMethod(PixelMethod):
     """Shared engine: ∂y_c/∂x per chunk (under ``rectifier``'s backward rule), then ``combine``."""
 
     family = "gradient"
+    picks_targets = True
     rectifier: ClassVar[RectifierRule | None] = None
 
     def check(self, handle: ModelHandle, params: ExplainParams) -> None:
@@ -63,7 +64,7 @@ class InputGradientMethod(PixelMethod):
         out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         for sl in ctx.chunks(x.shape[0]):
             with backward_rule(self.rectifier):
-                grad, _ = ctx.input_gradients(x[sl], targets[sl])
+                grad, _ = ctx.input_gradients(x[sl], targets[sl], clean=True)
             out[sl] = self.combine(x[sl], grad)
             ctx.advance(sl.stop - sl.start)
         return out, None

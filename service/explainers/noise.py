@@ -6,9 +6,11 @@ SmoothGrad (Smilkov et al. 2017, https://arxiv.org/abs/1706.03825) is ``NoiseTun
 
 Noise, as in the paper: the s-th copy of image i is x_i + σ_i ε_s with ε_s ~ N(0, I) and
 σ_i = ``noise_level`` × (max(x_i) − min(x_i)), the range taken over the image's normalised values.
-ε_s is the s-th (C, H, W) draw of a fresh ``RunContext.generator()`` — every image draws the same
-sequence, on the CPU — so an image's result depends only on the image, the seed and the
-parameters, never on its batch, ``batch_size`` or the device. The per-channel attributions are
+ε_s is the s-th (C, H, W) draw of a fresh ``RunContext.generator`` on the model's device — every
+image draws the same sequence — so an image's result depends only on the image, the seed and the
+parameters, never on its batch or ``batch_size``. The noise is drawn where the model runs (a CUDA
+generator on a GPU: no host-side drawing and copying), so the same seed gives other noise on a GPU
+than on the CPU. The per-channel attributions are
 averaged in float32 over the ``samples`` copies, then reduced to a map as the inner method reduces
 its own (saliency: max over channels of the averaged |∇|).
 
@@ -58,8 +60,8 @@ class NoiseStream:
         for s in [s for s in self.cache if s < first]:
             del self.cache[s]
         while self.drawn <= last:
-            eps = torch.randn(self.shape, generator=self.generator, dtype=torch.float32)
-            self.cache[self.drawn] = eps.to(self.device)
+            eps = torch.randn(self.shape, generator=self.generator, dtype=torch.float32, device=self.device)
+            self.cache[self.drawn] = eps
             self.drawn += 1
         window = torch.stack([self.cache[s] for s in range(first, last + 1)])
         return window[samples - first]
@@ -81,9 +83,10 @@ def noisy_chunks(
 def noisy_inputs(x: Tensor, noise_level: float, samples: int, seed: int) -> Tensor:
     """Every noisy copy the wrapper explains, shaped (samples, M, C, H, W) — for tests and debugging.
 
-    Uses the same code path as ``NoiseTunnel`` (with a generator seeded as ``RunContext.generator``).
+    Uses the same code path as ``NoiseTunnel`` (a generator on ``x``'s device, seeded as
+    ``RunContext.generator``).
     """
-    g = torch.Generator(device="cpu")
+    g = torch.Generator(device=x.device)
     g.manual_seed(seed)
     copies = torch.cat([c for c, _ in noisy_chunks(x.float(), noise_level, samples, g, chunk=x.shape[0])])
     return copies.view(samples, *x.shape)
@@ -110,7 +113,7 @@ class NoiseTunnel(Method):
         m, samples = x.shape[0], ctx.params.samples
         total = torch.zeros_like(x)
         delta_total: Tensor | None = None
-        chunks = noisy_chunks(x, ctx.params.noise_level, samples, ctx.generator(), ctx.batch_size)
+        chunks = noisy_chunks(x, ctx.params.noise_level, samples, ctx.generator(x.device), ctx.batch_size)
         for noisy, rows in chunks:
             ctx.check_cancel()
             attributions, delta = self.inner.pixel_attributions(ctx, noisy, targets[rows])

@@ -10,6 +10,8 @@ on [0, 1] whose weights sum to 1. The steps × pairs passes run in chunks of ``b
 chunk's scaled inputs are made on the fly (never all steps at once) and its gradients are summed
 into a float32 accumulator per pair. Every result carries the completeness delta
 Σ_i IG_i − (f(x) − f(x')) per pair; the two endpoint forwards that it needs count as two passes.
+They run first, and their forward of the clean input also gives the engine its target scores (and
+top-1 targets); a baseline shared by every pair (all but ``blur``) is run once.
 """
 
 from __future__ import annotations
@@ -156,6 +158,7 @@ class IntegratedGradients(PixelMethod):
     description = "Gradients integrated along the straight path from a baseline image to the input."
     paper = "https://arxiv.org/abs/1703.01365"
     signed = True
+    picks_targets = True
     uses: ClassVar[frozenset[str]] = frozenset(
         {"steps", "baseline", "rule", "seed", "batch_size", "autocast"}
     )
@@ -173,6 +176,11 @@ class IntegratedGradients(PixelMethod):
         alpha = torch.tensor(nodes, dtype=torch.float32, device=x.device)
         weight = torch.tensor(weights, dtype=torch.float32, device=x.device)
         baseline = make_baseline(ctx.params.baseline, x, ctx.handle, ctx.seed)
+        # The endpoints first: their forward of the clean rows is the pass that scores (and, for
+        # top-1, chooses) the targets, so the engine runs no forward pass of its own.
+        targets, f_x, f_base = endpoint_logits(
+            ctx, x, baseline, targets, shared=ctx.params.baseline != "blur"
+        )
         diff = x - baseline
 
         total = torch.zeros_like(x)  # Σ_k w_k ∇f at the scaled inputs, per pair
@@ -185,20 +193,38 @@ class IntegratedGradients(PixelMethod):
             ctx.advance(sl.stop - sl.start)
 
         attributions = diff * total
-        f_x, f_base = endpoint_logits(ctx, x, baseline, targets)
         delta = attributions.sum(dim=(1, 2, 3)) - (f_x - f_base)
         return attributions, delta
 
 
-def endpoint_logits(ctx: RunContext, x: Tensor, baseline: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """f(x) and f(x') of each pair's target, float32: forwards only, in chunks of ``batch_size``."""
+def endpoint_logits(
+    ctx: RunContext, x: Tensor, baseline: Tensor, targets: Tensor, *, shared: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(targets, f(x), f(x')) of each pair, float32: forwards only, in chunks of ``batch_size``.
+
+    The clean rows go through ``RunContext.pick`` (which may choose their targets). ``shared``:
+    every row has the same baseline (all but ``blur``), so one row of it is run for all pairs —
+    though it counts as one pass per pair in ``passes`` and progress.
+    """
     m = x.shape[0]
-    both = torch.empty(2 * m, dtype=torch.float32, device=x.device)
+    rows = torch.cat([x, baseline[:1] if shared else baseline])
+    chosen = targets.clone()
+    x_logits: list[Tensor] = []
+    base_logits: list[Tensor] = []
     with torch.no_grad():
-        for sl in ctx.chunks(2 * m):
-            parts = [x[sl.start : min(sl.stop, m)], baseline[max(sl.start, m) - m : max(sl.stop - m, 0)]]
-            rows = torch.arange(sl.start, sl.stop, device=x.device) % m
-            logits = ctx.forward(torch.cat([p for p in parts if p.shape[0] > 0]))
-            both[sl] = logits.gather(1, targets[rows].view(-1, 1)).squeeze(1)
-            ctx.advance(sl.stop - sl.start)
-    return both[:m], both[m:]
+        for sl in ctx.chunks(rows.shape[0]):
+            out = ctx.forward(rows[sl])
+            clean = max(0, min(sl.stop, m) - sl.start)
+            if clean:
+                mine = slice(sl.start, sl.start + clean)
+                chosen[mine] = ctx.pick(out[:clean], targets[mine])
+                x_logits.append(out[:clean])
+            if clean < out.shape[0]:
+                base_logits.append(out[clean:])
+            ctx.advance(out.shape[0])
+    if shared:
+        ctx.advance(m - 1)
+    index = chosen.view(-1, 1)
+    f_x = torch.cat(x_logits).gather(1, index).squeeze(1)
+    f_base = torch.cat(base_logits).expand(m, -1).gather(1, index).squeeze(1)
+    return chosen, f_x, f_base

@@ -361,10 +361,11 @@ def test_passes_run_in_chunks_and_progress_adds_up(steps: int) -> None:
         handle, x, "integrated_gradients", ExplainParams(steps=steps, batch_size=7),
         targets=[[0, 4]] * 3, progress=seen.append,
     )  # fmt: skip
-    engine_forward = SEEN.pop(0)  # the engine's own logits pass over the 3 images
-    assert engine_forward == 3
+    # no pass of the engine's own: IG's endpoint forward (6 clean pair rows + 1 row of the black
+    # baseline they share) scores the targets, then 6 pairs × steps gradient passes
+    assert SEEN[0] == 7
     assert max(SEEN) <= 7  # never more than batch_size rows at once, whatever the step count
-    assert sum(SEEN) == 6 * (steps + 2)  # 6 pairs × (steps + the two endpoint forwards)
+    assert sum(SEEN) == 6 + 1 + 6 * steps
     assert seen == sorted(seen) and seen[-1] == 1.0 and all(p < 1.0 for p in seen[:-1])
 
 
