@@ -222,8 +222,8 @@ def endpoint_logits(
             if clean < out.shape[0]:
                 base_logits.append(out[clean:])
             ctx.advance(out.shape[0])
-    if shared:
-        ctx.advance(m - 1)
+    if shared and m > 1:
+        ctx.advance(m - 1)  # the pairs' other baseline rows, run as one
     index = chosen.view(-1, 1)
     f_x = torch.cat(x_logits).gather(1, index).squeeze(1)
     f_base = torch.cat(base_logits).expand(m, -1).gather(1, index).squeeze(1)

@@ -179,7 +179,8 @@ def test_progress_moves_per_chunk(app: FastAPI, client: TestClient, images: list
 
     store.progress = spy  # type: ignore[method-assign]
     try:
-        # IG: steps + 2 = 10 passes per image, 2 per chunk → 5 chunks per image, 10 in all
+        # IG: steps + 2 = 10 passes per image (the endpoints, then 8 steps), 2 per chunk → 5 chunks
+        # per image, 10 in all
         job = submit(client, images[:2], method="integrated_gradients", steps=8, batch_size=2)
         assert first.wait(WAIT_S)
         seen_before = list(seen)
