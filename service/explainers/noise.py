@@ -6,11 +6,12 @@ SmoothGrad (Smilkov et al. 2017, https://arxiv.org/abs/1706.03825) is ``NoiseTun
 
 Noise, as in the paper: the s-th copy of image i is x_i + σ_i ε_s with ε_s ~ N(0, I) and
 σ_i = ``noise_level`` × (max(x_i) − min(x_i)), the range taken over the image's normalised values.
-ε_s is the s-th (C, H, W) draw of a fresh ``RunContext.generator`` on the model's device — every
-image draws the same sequence — so an image's result depends only on the image, the seed and the
-parameters, never on its batch or ``batch_size``. The noise is drawn where the model runs (a CUDA
-generator on a GPU: no host-side drawing and copying), so the same seed gives other noise on a GPU
-than on the CPU. The per-channel attributions are
+ε_s is drawn by a generator of its own, seeded from (seed, s) (``sample_seed``), on the model's
+device — every image uses the same ε_s — so an image's result depends only on the image, the seed
+and the parameters, never on its batch or ``batch_size``. Drawing where the model runs (a CUDA
+generator on a GPU) avoids host-side drawing and copying, so the same seed gives other noise on a
+GPU than on the CPU. On the CPU the samples are drawn in parallel threads (the generator, not
+memory, bounds the drawing). The per-channel attributions are
 averaged in float32 over the ``samples`` copies, then reduced to a map as the inner method reduces
 its own (saliency: max over channels of the averaged |∇|).
 
@@ -21,7 +22,10 @@ samples × steps × image, is held.
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar
 
 import torch
@@ -40,55 +44,87 @@ def noise_sigma(x: Tensor, noise_level: float) -> Tensor:
     return noise_level * (flat.amax(dim=1) - flat.amin(dim=1))
 
 
-class NoiseStream:
-    """ε_0, ε_1, … drawn one (C, H, W) tensor at a time from a generator, cached while in use.
+_MASK64 = (1 << 64) - 1
 
-    Copies are taken sample-major (all images' copy s before any copy s + 1), so a chunk needs a
-    window of consecutive samples; samples before the window are dropped.
+
+def sample_seed(seed: int, sample: int) -> int:
+    """The seed of noise sample ``sample``: SplitMix64 of (seed, sample), so streams don't overlap."""
+    z = (seed + (sample + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) % 2**63
+
+
+def draw_sample(out: Tensor, seed: int, sample: int) -> None:
+    """ε_sample ~ N(0, I) into ``out`` (one (C, H, W) image), from its own generator on out's device."""
+    g = torch.Generator(device=out.device)
+    g.manual_seed(sample_seed(seed, sample))
+    torch.randn(out.shape, generator=g, out=out)
+
+
+_DRAWERS: ThreadPoolExecutor | None = None
+_DRAWERS_LOCK = threading.Lock()
+
+
+def _forget_drawers() -> None:
+    """In a forked child (Celery's prefork workers) the parent's threads are gone: start afresh."""
+    global _DRAWERS, _DRAWERS_LOCK
+    _DRAWERS, _DRAWERS_LOCK = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_drawers)
+
+
+def _drawers() -> ThreadPoolExecutor:
+    global _DRAWERS
+    with _DRAWERS_LOCK:
+        if _DRAWERS is None:
+            _DRAWERS = ThreadPoolExecutor(
+                max_workers=max(1, torch.get_num_threads()), thread_name_prefix="noise"
+            )
+        return _DRAWERS
+
+
+def draw_samples(first: int, count: int, shape: tuple[int, ...], seed: int, device: torch.device) -> Tensor:
+    """ε_first … ε_{first+count−1}, shaped (count, *shape), float32 on ``device``.
+
+    Each sample has its own generator (``sample_seed``), so samples can be drawn in any order and
+    in parallel: on the CPU the draws, which are bound by the generator (~8 ns a number, one core),
+    are spread over threads; a GPU draws them itself.
     """
-
-    def __init__(self, shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> None:
-        self.shape = shape
-        self.generator = generator
-        self.device = device
-        self.cache: dict[int, Tensor] = {}
-        self.drawn = 0
-
-    def take(self, samples: Tensor) -> Tensor:
-        """ε for each entry of the non-decreasing sample indices ``samples``, shaped (n, C, H, W)."""
-        first, last = int(samples[0]), int(samples[-1])
-        for s in [s for s in self.cache if s < first]:
-            del self.cache[s]
-        while self.drawn <= last:
-            eps = torch.randn(self.shape, generator=self.generator, dtype=torch.float32, device=self.device)
-            self.cache[self.drawn] = eps
-            self.drawn += 1
-        window = torch.stack([self.cache[s] for s in range(first, last + 1)])
-        return window[samples - first]
+    out = torch.empty((count, *shape), dtype=torch.float32, device=device)
+    if device.type != "cpu" or count == 1:
+        for j in range(count):
+            draw_sample(out[j], seed, first + j)
+        return out
+    list(_drawers().map(lambda j: draw_sample(out[j], seed, first + j), range(count)))
+    return out
 
 
 def noisy_chunks(
-    x: Tensor, noise_level: float, samples: int, generator: torch.Generator, chunk: int
+    x: Tensor, noise_level: float, samples: int, seed: int, chunk: int
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """(noisy copies, their image indices) in chunks of ``chunk``, sample-major over all images."""
     m = x.shape[0]
     sigma = noise_sigma(x, noise_level).view(-1, 1, 1, 1)
-    stream = NoiseStream(tuple(x.shape[1:]), generator, x.device)
     for start in range(0, m * samples, chunk):
         flat = torch.arange(start, min(m * samples, start + chunk))  # indices on the CPU: no syncs
-        s, i = flat // m, (flat % m).to(x.device)
-        yield x[i] + sigma[i] * stream.take(s), i
+        s, i = flat // m, flat % m
+        first, last = int(s[0]), int(s[-1])
+        eps = draw_samples(first, last - first + 1, tuple(x.shape[1:]), seed, x.device)
+        if m == 1:  # one copy per sample: scale and shift the draws in place
+            yield eps.mul_(sigma[0]).add_(x[0]), i.to(x.device)
+        else:
+            i = i.to(x.device)
+            yield x[i] + sigma[i] * eps[(s - first).to(x.device)], i  # the same rounding as above
 
 
 def noisy_inputs(x: Tensor, noise_level: float, samples: int, seed: int) -> Tensor:
     """Every noisy copy the wrapper explains, shaped (samples, M, C, H, W) — for tests and debugging.
 
-    Uses the same code path as ``NoiseTunnel`` (a generator on ``x``'s device, seeded as
-    ``RunContext.generator``).
+    Uses the same code path as ``NoiseTunnel``.
     """
-    g = torch.Generator(device=x.device)
-    g.manual_seed(seed)
-    copies = torch.cat([c for c, _ in noisy_chunks(x.float(), noise_level, samples, g, chunk=x.shape[0])])
+    copies = torch.cat([c for c, _ in noisy_chunks(x.float(), noise_level, samples, seed, chunk=x.shape[0])])
     return copies.view(samples, *x.shape)
 
 
@@ -113,7 +149,7 @@ class NoiseTunnel(Method):
         m, samples = x.shape[0], ctx.params.samples
         total = torch.zeros_like(x)
         delta_total: Tensor | None = None
-        chunks = noisy_chunks(x, ctx.params.noise_level, samples, ctx.generator(x.device), ctx.batch_size)
+        chunks = noisy_chunks(x, ctx.params.noise_level, samples, ctx.seed, ctx.batch_size)
         for noisy, rows in chunks:
             ctx.check_cancel()
             attributions, delta = self.inner.pixel_attributions(ctx, noisy, targets[rows])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import os
+from typing import Any
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from torch import Tensor, nn
 
 from service.explainers import ExplainParams, ModelHandle, explain
 from service.explainers.hooks import hook_count
-from service.explainers.noise import noise_sigma, noisy_inputs
+from service.explainers.noise import draw_samples, noise_sigma, noisy_inputs, sample_seed
 
 
 class Cube(nn.Module):
@@ -32,13 +34,33 @@ def test_sigma_is_relative_to_each_images_range() -> None:
     assert noise_sigma(x, 0.25).tolist() == [1.0, 0.125]  # 0.25 · (3 − (−1)), 0.25 · 0.5
     noisy = noisy_inputs(x, 0.25, samples=3, seed=42)
     assert noisy.shape == (3, 2, 1, 2, 2)
-    # copy s of image i is x_i + σ_i ε_s, ε_s the s-th (C, H, W) draw of a generator seeded 42
-    g = torch.Generator().manual_seed(42)
-    eps = torch.stack([torch.randn((1, 2, 2), generator=g) for _ in range(3)])
+    # copy s of image i is x_i + σ_i ε_s, ε_s drawn by a generator seeded sample_seed(42, s)
+    eps = torch.stack(
+        [
+            torch.randn((1, 2, 2), generator=torch.Generator().manual_seed(sample_seed(42, s)))
+            for s in range(3)
+        ]
+    )
     torch.testing.assert_close(noisy[:, 0], x[0] + 1.0 * eps)
     torch.testing.assert_close(noisy[:, 1], x[1] + 0.125 * eps)
     assert torch.equal(noisy, noisy_inputs(x, 0.25, samples=3, seed=42))
     assert not torch.equal(noisy, noisy_inputs(x, 0.25, samples=3, seed=43))
+
+
+def test_samples_drawn_in_parallel_equal_samples_drawn_one_by_one() -> None:
+    cpu = torch.device("cpu")
+    together = draw_samples(3, 6, (3, 8, 8), seed=11, device=cpu)
+    for j in range(6):
+        assert torch.equal(together[j], draw_samples(3 + j, 1, (3, 8, 8), seed=11, device=cpu)[0])
+    # distinct samples and seeds give distinct, uncorrelated draws
+    flat = torch.cat([together, draw_samples(3, 6, (3, 8, 8), seed=12, device=cpu)]).flatten(1)
+    corr = torch.corrcoef(flat)
+    assert corr.sub(torch.eye(12)).abs().max() < 0.3
+
+
+def test_sample_seeds_do_not_collide() -> None:
+    seeds = {sample_seed(seed, s) for seed in range(50) for s in range(200)}
+    assert len(seeds) == 50 * 200
 
 
 def test_noise_is_gaussian_with_the_papers_sigma() -> None:
@@ -219,3 +241,22 @@ def test_chunks_bound_memory_and_progress_adds_up(method: str, per_copy: int, sa
     chunks = -(-4 * samples // 4)  # 4 pairs × samples copies, batch_size 4 at a time
     assert sum(SEEN) == 4 * samples * per_copy + (chunks if method == "smooth_ig" else 0)
     assert seen == sorted(seen) and seen[-1] == 1.0 and all(p < 1.0 for p in seen[:-1])
+
+
+def test_a_forked_child_can_still_draw() -> None:
+    """Celery's prefork workers fork after the parent drew noise: the child gets fresh threads."""
+    import multiprocessing as mp
+
+    expected = draw_samples(0, 4, (3, 8, 8), seed=5, device=torch.device("cpu"))  # pool exists now
+    child = mp.get_context("fork").Process(target=_draw_in_child, args=(expected.tolist(),))
+    child.start()
+    child.join(timeout=30)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung drawing noise")
+    assert child.exitcode == 0  # 1: it drew other numbers
+
+
+def _draw_in_child(expected: list[Any]) -> None:
+    drawn = draw_samples(0, 4, (3, 8, 8), seed=5, device=torch.device("cpu"))
+    os._exit(0 if drawn.tolist() == expected else 1)
