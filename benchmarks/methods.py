@@ -86,6 +86,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", help="fp32, bf16 (CUDA autocast) or a comma list (default fp32)")
     p.add_argument("--no-eager-floor", action="store_true", help="skip the floor through the eager model")
     p.add_argument(
+        "--malloc",
+        choices=["retain", "default"],
+        default="retain",
+        help="retain: keep freed memory as `saliency serve` does (SALIENCY_RETAIN_HEAP), for every "
+        "contender alike; default: glibc's own behaviour (default retain)",
+    )
+    p.add_argument(
         "--stat",
         choices=["median", "min"],
         default="median",
@@ -309,7 +316,8 @@ def describe(s: Setup) -> str:
         f" batch_size {s.args.batch_size}, steps {s.args.steps}, samples {s.args.samples}, rule {s.args.rule},"
         f" target layer {s.layer}\n"
         f"device {dev}; torch {torch.__version__}; prepared copy: {folded}/{bns} BatchNorms folded,"
-        f" channels_last={cl}; {s.args.stat} of {s.args.repeats} interleaved rounds after 1 warm-up"
+        f" channels_last={cl}; malloc {s.args.malloc};"
+        f" {s.args.stat} of {s.args.repeats} interleaved rounds after 1 warm-up"
     )
 
 
@@ -342,6 +350,11 @@ def print_rows(rows: list[Row], images: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     set_threads(args.threads)
+    if args.malloc == "retain":
+        from service.runtime.memory import retain_freed_memory
+
+        if not retain_freed_memory():
+            args.malloc = "default (retain not available)"
     warnings.filterwarnings("ignore", module="captum")
     warnings.filterwarnings("ignore", message=".*backward hook.*")
     known = [m.name for m in all_methods()]

@@ -25,9 +25,19 @@ from service.errors import ConfigError
 OMP_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
+def _tune_process(settings: Settings, *, web: bool) -> None:
+    """Process-wide settings of the serving processes (not of tests or library use)."""
+    if web:
+        for key, value in OMP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+    if settings.retain_heap:
+        from service.runtime.memory import retain_freed_memory
+
+        retain_freed_memory()
+
+
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
-    for key, value in OMP_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+    _tune_process(settings, web=True)
     import uvicorn
 
     from service.app import create_app
@@ -60,6 +70,7 @@ def _openapi(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _worker(settings: Settings, args: argparse.Namespace) -> int:
+    _tune_process(settings, web=False)
     from service.runtime.celery_app import run_worker
 
     result = run_worker(settings, list(args.worker_args))
