@@ -25,11 +25,8 @@ from service.errors import ConfigError
 OMP_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
-def _tune_process(settings: Settings, *, web: bool) -> None:
-    """Process-wide settings of the serving processes (not of tests or library use)."""
-    if web:
-        for key, value in OMP_DEFAULTS.items():
-            os.environ.setdefault(key, value)
+def _retain_heap(settings: Settings) -> None:
+    """Process-wide allocator setting of the serving processes (not of tests or library use)."""
     if settings.retain_heap:
         from service.runtime.memory import retain_freed_memory
 
@@ -37,7 +34,8 @@ def _tune_process(settings: Settings, *, web: bool) -> None:
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
-    _tune_process(settings, web=True)
+    for key, value in OMP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     import uvicorn
 
     from service.app import create_app
@@ -47,6 +45,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     settings = settings.model_copy(update=updates)
     if settings.models_config is not None:
         load_config(settings.models_config)  # a broken config fails here, before the server starts
+    _retain_heap(settings)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -70,7 +69,7 @@ def _openapi(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _worker(settings: Settings, args: argparse.Namespace) -> int:
-    _tune_process(settings, web=False)
+    _retain_heap(settings)
     from service.runtime.celery_app import run_worker
 
     result = run_worker(settings, list(args.worker_args))

@@ -126,6 +126,7 @@ def test_cli_serve_refuses_a_broken_config(
     bad = tmp_path / "models.toml"
     bad.write_text("[[models]]\nname = 'x'\nsource = 'timm'\n")  # timm needs an architecture
     monkeypatch.setenv("SALIENCY_MODELS_CONFIG", str(bad))
+    monkeypatch.setenv("SALIENCY_RETAIN_HEAP", "false")  # leave the test process's allocator alone
     get_settings.cache_clear()
     try:
         assert main(["serve", "--port", "0"]) == 2
