@@ -107,7 +107,7 @@ class Proc:
 
 def start_api(env: dict[str, str], log: Path) -> tuple[Proc, str]:
     port = free_port()
-    proc = Proc(["serve", "--port", str(port)], env, log)
+    proc = Proc(["serve", "--host", "127.0.0.1", "--port", str(port)], env, log)
     base = f"http://127.0.0.1:{port}"
 
     def ready() -> bool:

@@ -10,9 +10,6 @@ import base64
 import io
 import os
 import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,10 +18,8 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from helpers import free_port
+from jobs_helpers import start_api
 from PIL import Image
-
-STARTUP_S = 180.0
 
 
 def write_config(folder: Path) -> Path:
@@ -42,7 +37,6 @@ def write_config(folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     folder = tmp_path_factory.mktemp("server")
-    port = free_port()
     env = {
         **os.environ,
         "SALIENCY_MODELS_CONFIG": str(write_config(folder)),
@@ -50,38 +44,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "SALIENCY_TORCH_THREADS": "1",
         "SALIENCY_JOBS_BACKEND": "local",
     }
-    log = (folder / "server.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
+    proc, base = start_api(env, folder / "server.log")  # waits until /readyz answers 200
     try:
-        deadline = time.monotonic() + STARTUP_S
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(
-                    f"server exited with {proc.returncode}: {(folder / 'server.log').read_text()}"
-                )
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"not ready in {STARTUP_S} s: {(folder / 'server.log').read_text()}")
-            time.sleep(0.2)
         yield base
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
+        proc.kill(signal.SIGTERM)
 
 
 def png(width: int = 90, height: int = 60) -> bytes:
