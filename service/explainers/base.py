@@ -294,12 +294,6 @@ class RunContext:
             self.check_cancel()
             yield slice(start, min(total, start + step))
 
-    def generator(self, device: torch.device | None = None) -> torch.Generator:
-        """A fresh generator seeded with the call's seed: every image draws the same sequence."""
-        g = torch.Generator(device=device or torch.device("cpu"))
-        g.manual_seed(self.seed)
-        return g
-
     def forward(self, x: Tensor) -> Tensor:
         """The model's logits for ``x`` in float32 (under autocast if enabled)."""
         with self.autocast():

@@ -103,9 +103,9 @@ def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
 def uniform_generator(seed: int) -> torch.Generator:
     """The ``uniform`` baseline's generator: seeded from the call's seed, on a stream of its own.
 
-    ``RunContext.generator`` seeds with the call's seed as is, and SmoothGrad's noise draws from it;
-    a uniform baseline drawn from the same stream would be a function of Smooth IG's first noise
-    sample. Mixing a constant into the seed keeps the two independent, still reproducible.
+    Smooth IG's noise samples draw from generators seeded from the same call seed
+    (``noise.sample_seed``); mixing a constant of its own into the seed keeps the baseline off
+    those streams, so it is not a function of any noise sample, and still reproducible.
     """
     g = torch.Generator(device="cpu")
     g.manual_seed((seed ^ _UNIFORM_STREAM) % 2**63)

@@ -16,6 +16,7 @@ from torch import nn
 
 from service.errors import TargetOutOfRange
 from service.explainers import ExplainParams, ModelHandle, all_methods, explain, get_method, predict
+from service.explainers.path import make_baseline
 
 PICKING = sorted(m.name for m in all_methods() if m.picks_targets)
 SINGLE_PASS = sorted(set(PICKING) - {"integrated_gradients"})
@@ -101,8 +102,6 @@ def test_ig_endpoints_score_the_targets_and_a_shared_baseline_runs_once(
     # the completeness delta uses the same f(x): Σ IG − δ = f(x) − f(x'), with f(x) the reported logit
     assert out.attributions is not None and out.completeness_delta is not None
     gap = out.attributions.sum(dim=(2, 3, 4)) - out.completeness_delta
-    from service.explainers.path import make_baseline
-
     base = make_baseline(baseline, x, handle, 5)
     f_base = predict(handle, base).gather(1, out.targets)
     torch.testing.assert_close(gap, out.logits - f_base, rtol=1e-4, atol=1e-4)
