@@ -21,7 +21,7 @@ import torchvision
 
 from service.explainers import ExplainParams, ModelHandle, explain
 from service.metrics import Metrics
-from service.runtime.executor import Executor
+from service.runtime.sync.executor import Executor
 
 
 def percentile(values: list[float], q: float) -> float:

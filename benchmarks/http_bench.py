@@ -37,11 +37,12 @@ import skimage.data
 import torch
 from PIL import Image
 
-from service.api.params import ExplainOptions
-from service.api.responses import Prepared, render_explanation
+from service.api.pipeline import Prepared
+from service.api.responses import render_explanation
 from service.config import Settings
-from service.explainers import ExplainParams, explain
+from service.explainers import ExplainParams, Targets, explain
 from service.imaging.decode import decode_image
+from service.imaging.options import RenderParams
 from service.models.registry import DEFAULT_MODEL, ModelRegistry
 
 ROUTE = f"/v1/models/{DEFAULT_MODEL}/explain"
@@ -119,7 +120,7 @@ def main() -> None:
     settings = Settings(device=args.device, models_config=None)
     model = ModelRegistry.from_settings(settings).get(DEFAULT_MODEL)
     params = ExplainParams(seed=0, batch_size=settings.default_batch_size)
-    options = ExplainOptions()
+    targets, render = Targets.top(1), RenderParams()
 
     def decode() -> Image.Image:
         return decode_image(
@@ -139,7 +140,9 @@ def main() -> None:
             image = decode()
             xi, geometry = model.preprocess(image)
             expl = explain(model.handle, xi[None], "gradcam", params)
-            render_explanation(fmt, model, expl, [Prepared(image, xi, geometry)], options, elapsed_ms=0.0)
+            render_explanation(
+                fmt, model, expl, [Prepared(image, xi, geometry)], targets, render, elapsed_ms=0.0
+            )
 
         return call
 

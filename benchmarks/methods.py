@@ -37,7 +37,7 @@ import torch
 from _common import DTYPES, autocast, build_model, device_of, interleaved, median, set_threads, table
 from torch import Tensor, nn
 
-from service.explainers import ExplainParams, ModelHandle, all_methods, explain, predict
+from service.explainers import ExplainParams, ModelHandle, Targets, all_methods, explain, predict
 from service.explainers.layers import get_layer
 from service.explainers.path import make_baseline
 from service.explainers.prepare import FoldedBatchNorm, FoldedBatchNormAct
@@ -184,7 +184,7 @@ def floor(s: Setup, model: nn.Module, passes: int) -> Callable[[], None]:
 
 def ours(s: Setup, method: str) -> Callable[[], None]:
     def run() -> None:
-        explain(s.handle, s.x, method, s.params, targets=s.targets.view(-1, 1))
+        explain(s.handle, s.x, method, s.params, targets=Targets.given(s.targets.view(-1, 1)))
 
     return run
 
@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     set_threads(args.threads)
     if args.malloc == "retain":
-        from service.runtime.memory import retain_freed_memory
+        from service.runtime.process.heap import retain_freed_memory
 
         if not retain_freed_memory():
             args.malloc = "default (retain not available)"

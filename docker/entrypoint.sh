@@ -2,7 +2,7 @@
 # Entrypoint of the saliency-service image. The first argument picks the role:
 #   serve (default)      the HTTP API: saliency serve on $SALIENCY_HOST:$SALIENCY_PORT (0.0.0.0:8000)
 #   worker [ARGS…]       a Celery worker for jobs: saliency worker (ARGS go to Celery)
-#   healthcheck api|worker   python -m service.runtime.healthcheck (exit 0 when healthy)
+#   healthcheck api|worker   python -m service.runtime.process.healthcheck (exit 0 when healthy)
 #   openapi              print the OpenAPI document
 #   anything else        run as a command (e.g. `bash`)
 set -euo pipefail
@@ -38,7 +38,7 @@ case "$role" in
     exec saliency worker "$@"
     ;;
   healthcheck)
-    exec python -m service.runtime.healthcheck "$@"
+    exec python -m service.runtime.process.healthcheck "$@"
     ;;
   openapi)
     exec saliency openapi "$@"

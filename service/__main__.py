@@ -28,7 +28,7 @@ OMP_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
 def _retain_heap(settings: Settings) -> None:
     """Process-wide allocator setting of the serving processes (not of tests or library use)."""
     if settings.retain_heap:
-        from service.runtime.memory import retain_freed_memory
+        from service.runtime.process.heap import retain_freed_memory
 
         retain_freed_memory()
 
@@ -70,7 +70,7 @@ def _openapi(settings: Settings, args: argparse.Namespace) -> int:
 
 def _worker(settings: Settings, args: argparse.Namespace) -> int:
     _retain_heap(settings)
-    from service.runtime.celery_app import run_worker
+    from service.runtime.jobs.celery_app import run_worker
 
     result = run_worker(settings, list(args.worker_args))
     return int(result or 0)

@@ -21,14 +21,14 @@ import service
 from service.api import docs, problems
 from service.api.deps import Services
 from service.api.middleware import EdgeMiddleware
-from service.api.params import body_limit
+from service.api.request import body_limit
 from service.api.routes import explain, jobs, methods, models, ops
 from service.config import Settings, get_settings
 from service.errors import SaliencyError
 from service.metrics import Metrics
 from service.models.registry import ModelRegistry
-from service.runtime.executor import Executor
-from service.runtime.jobs import create_job_service
+from service.runtime.jobs.service import create_job_service
+from service.runtime.sync.executor import Executor
 
 log = logging.getLogger(__name__)
 

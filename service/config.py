@@ -84,6 +84,11 @@ class Settings(BaseSettings):
             return v
         raise ValueError("device must be auto, cpu, cuda or cuda:N")
 
+    def engine_defaults(self) -> dict[str, object]:
+        """The engine parameters the server sets: those a client cannot set, and the defaults of
+        those it may leave unset (``server_default`` in ``ExplainParams``)."""
+        return {"batch_size": self.default_batch_size, "autocast": self.precision == "bf16"}
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

@@ -7,7 +7,7 @@ dependencies below raise ``NotReady`` (503) while ``/healthz`` keeps answering.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Path, Request
@@ -16,7 +16,7 @@ from service.config import Settings
 from service.errors import NotReady
 from service.metrics import Metrics
 from service.models.registry import LoadedModel, ModelRegistry
-from service.runtime.executor import Executor
+from service.runtime.sync.executor import Executor
 
 
 @dataclass
@@ -29,7 +29,6 @@ class Services:
     registry: ModelRegistry | None = None
     jobs: Any = None  # service.runtime.jobs.JobService once started
     load_error: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ready(self) -> bool:
@@ -48,10 +47,6 @@ def get_services(request: Request) -> Services:
     return services
 
 
-def get_settings(services: Annotated[Services, Depends(get_services)]) -> Settings:
-    return services.settings
-
-
 def get_registry(services: Annotated[Services, Depends(get_services)]) -> ModelRegistry:
     return services.require_registry()
 
@@ -67,6 +62,5 @@ def get_model(model: ModelName, registry: Annotated[ModelRegistry, Depends(get_r
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 ModelDep = Annotated[LoadedModel, Depends(get_model)]

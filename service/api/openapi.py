@@ -1,6 +1,6 @@
 """OpenAPI documentation of the image routes, derived from the parameter models and the registry.
 
-Image routes read their body themselves (multipart *or* JSON, see ``service.api.params``), so
+Image routes read their body themselves (multipart *or* JSON, see ``service.api.request``), so
 FastAPI cannot infer it; ``image_request_body`` describes both content types from the route's
 pydantic options model, with the method enum taken from the engine's registry. In the multipart
 variant ``image`` is a binary string, which Swagger UI shows as a file picker.
@@ -13,30 +13,15 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from service.api.params import RequestOptions
+from service.api.options import RequestOptions, field_order
+from service.api.responses import resolved_parameters
 from service.api.schemas import Problem
+from service.explainers import ExplainParams, Targets
+from service.imaging.options import RenderParams
 
-ORDER = (
-    "model",
-    "method",
-    "methods",
-    "target",
-    "top_k",
-    "layer",
-    "steps",
-    "samples",
-    "noise_level",
-    "baseline",
-    "rule",
-    "seed",
-    "batch_size",
-    "resolution",
-    "colormap",
-    "alpha",
-    "reduction",
-    "normalize",
-    "format",
-)
+# the order of a route's fields in its schemas: the route's own, the targets, then the engine's and
+# the rendering parameters in declaration order
+ORDER = ("model", "method", "methods", "target", "top_k", *field_order(ExplainParams, RenderParams))
 
 # a valid 16×16 PNG (a colour ramp): the JSON example Swagger UI pre-fills
 TINY_PNG_BASE64 = "iVBORw0KGgoAAAANSUhEUgAAABAAAAAQCAIAAACQkWg2AAAAHElEQVR42mNkYGAQIAWxMDAIMJACRjWMahg6GgCWfAIezUhyVgAAAABJRU5ErkJggg=="
@@ -147,25 +132,14 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 EXPLAIN_EXAMPLE: dict[str, Any] = {
     "model": "efficientnet_lite0",
     "method": "gradcam",
-    "parameters": {
-        "method": "gradcam",
-        "target": None,
-        "top_k": 1,
-        "layer": "bn2",
-        "steps": 32,
-        "samples": 16,
-        "noise_level": 0.15,
-        "baseline": "black",
-        "rule": "gausslegendre",
-        "seed": 1234,
-        "batch_size": 32,
-        "resolution": "original",
-        "colormap": "jet",
-        "alpha": 0.5,
-        "reduction": "default",
-        "normalize": "minmax",
-        "format": "json",
-    },
+    "parameters": resolved_parameters(
+        "gradcam",
+        Targets.top(1),
+        ExplainParams(layer="bn2", seed=1234),
+        RenderParams(),
+        signed=False,
+        fmt="json",
+    ),
     "elapsed_ms": 61.2,
     "explanations": [
         {

@@ -7,19 +7,30 @@ so the event loop never blocks on CPU work and ``/healthz`` answers while a requ
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from torch import Tensor
 
 from service.api.deps import Services
-from service.api.params import TargetOptions, engine_params, resolve_targets
-from service.api.responses import Prepared
+from service.api.options import TargetOptions
 from service.config import Settings
 from service.errors import DeadlineExceeded, MethodNotApplicable, TooHeavy
-from service.explainers import ExplainParams, Explanation, get_method
+from service.explainers import ExplainParams, Explanation, Targets, get_method
 from service.imaging.decode import decode_upload
+from service.imaging.geometry import Geometry
 from service.models.registry import LoadedModel
+
+
+@dataclass
+class Prepared:
+    """One decoded upload and the model input made from it."""
+
+    image: Image.Image  # RGB, EXIF orientation applied
+    x: Tensor  # (C, H, W) normalised model input
+    geometry: Geometry
 
 
 class Clock:
@@ -73,10 +84,10 @@ def check_methods(model: LoadedModel, methods: list[str], available: list[str]) 
 
 
 def check_cost(
-    settings: Settings, methods: list[str], params: ExplainParams, images: int, targets: int
+    settings: Settings, methods: list[str], params: ExplainParams, images: int, targets: Targets
 ) -> None:
     """``TooHeavy`` when images × targets × Σ passes exceeds the synchronous budget."""
-    passes = sum(get_method(m).passes(params) for m in methods) * images * targets
+    passes = sum(get_method(m).passes(params) for m in methods) * images * targets.per_image
     if passes > settings.max_sync_passes:
         raise TooHeavy(
             f"this request needs {passes} forward/backward passes; synchronous requests allow "
@@ -93,23 +104,22 @@ async def explain(
     options: TargetOptions,
     methods: list[str],
     clock: Clock,
-) -> list[Explanation]:
-    """Each method's explanation of the batch, one after the other, within the deadline."""
-    settings = services.settings
-    params = engine_params(options, settings)
+) -> tuple[Targets, list[Explanation]]:
+    """The request's targets, resolved once, and each method's explanation of the batch for
+    them, one method after the other, within the deadline."""
+    params = options.engine_params(services.settings)
     check_methods(model, methods, await available_methods(model))
-    targets, top_k = resolve_targets(options, model.num_classes)
-    check_cost(settings, methods, params, len(items), 1 if targets else top_k)
+    targets = options.targets(len(items), model.num_classes)
+    check_cost(services.settings, methods, params, len(items), targets)
     x = batch(items)
-    target_spec = None if targets is None else [targets for _ in items]
     out: list[Explanation] = []
     for m in methods:
         expl = await services.executor.explain(
-            model.handle, x, m, params, targets=target_spec, top_k=top_k, timeout=clock.remaining()
+            model.handle, x, m, params, targets=targets, timeout=clock.remaining()
         )
         services.metrics.explanations.labels(model=model.name, method=m).inc(len(items))
         out.append(expl)
-    return out
+    return targets, out
 
 
 async def predict(services: Services, model: LoadedModel, items: list[Prepared], clock: Clock) -> Tensor:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any
 from urllib.parse import quote
 
@@ -24,34 +24,23 @@ import numpy as np
 import orjson
 from PIL import Image
 from starlette.responses import Response
-from torch import Tensor
 
-from service.api.params import MEDIA_TYPES, RenderOptions, TargetOptions, colormap_for
+from service.api.pipeline import Prepared
 from service.errors import InvalidParameter
-from service.explainers import ExplainParams, Explanation
+from service.explainers import ExplainParams, Explanation, Targets
 from service.imaging.geometry import Geometry, to_original
-from service.imaging.render import heatmap_png, normalize, overlay_image, overlay_png, to_npy
+from service.imaging.options import MEDIA_TYPES, RenderParams
+from service.imaging.render import heatmap_png, normalize, overlay_image, overlay_png, rounded, to_npy
 from service.models.registry import LoadedModel
-
-SIGNIFICANT_DIGITS = 5
-
-
-@dataclass
-class Prepared:
-    """One decoded upload and the model input made from it."""
-
-    image: Image.Image  # RGB, EXIF orientation applied
-    x: Tensor  # (C, H, W) normalised model input
-    geometry: Geometry
 
 
 # ------------------------------------------------------------------------------------------------
 # maps
 # ------------------------------------------------------------------------------------------------
-def heatmap(expl: Explanation, i: int, k: int, geometry: Geometry, options: RenderOptions) -> np.ndarray:
+def heatmap(expl: Explanation, i: int, k: int, geometry: Geometry, render: RenderParams) -> np.ndarray:
     """Raw float32 map of image ``i``, target ``k``: (H, W), or (C, H, W) with ``reduction=none``,
     at the requested resolution."""
-    if options.reduction == "none":
+    if render.reduction == "none":
         if expl.attributions is None:
             raise InvalidParameter(
                 f"reduction=none needs a gradient or path method; {expl.method} only makes a map",
@@ -60,7 +49,7 @@ def heatmap(expl: Explanation, i: int, k: int, geometry: Geometry, options: Rend
         m = expl.attributions[i, k].numpy()
     else:
         m = expl.maps[i, k].numpy()
-    if options.resolution == "original":
+    if render.resolution == "original":
         return to_original(m, geometry)
     return np.ascontiguousarray(m, dtype=np.float32)
 
@@ -72,44 +61,20 @@ def model_view(item: Prepared) -> Image.Image:
     return item.image.resize((g.input_width, g.input_height), Image.Resampling.BILINEAR, box=box)
 
 
-def backdrop(item: Prepared, options: RenderOptions) -> Image.Image:
+def backdrop(item: Prepared, render: RenderParams) -> Image.Image:
     """The image an overlay is drawn on, matching the map's resolution."""
-    return item.image if options.resolution == "original" else model_view(item)
-
-
-def _digits(m: np.ndarray) -> int:
-    peak = float(np.abs(m).max()) if m.size else 0.0
-    if peak <= 0 or not math.isfinite(peak):
-        return SIGNIFICANT_DIGITS
-    return max(0, min(15, SIGNIFICANT_DIGITS - 1 - math.floor(math.log10(peak))))
+    return item.image if render.resolution == "original" else model_view(item)
 
 
 # ------------------------------------------------------------------------------------------------
 # JSON
 # ------------------------------------------------------------------------------------------------
 def resolved_parameters(
-    options: TargetOptions, params: ExplainParams, *, method: str, colormap: str, fmt: str
+    method: str, targets: Targets, params: ExplainParams, render: RenderParams, *, signed: bool, fmt: str
 ) -> dict[str, Any]:
-    """Every request parameter as it was applied, defaults and drawn values included."""
-    return {
-        "method": method,
-        "target": options.target,
-        "top_k": 1 if options.target is not None else options.top_k,
-        "layer": params.layer,
-        "steps": params.steps,
-        "samples": params.samples,
-        "noise_level": params.noise_level,
-        "baseline": params.baseline,
-        "rule": params.rule,
-        "seed": params.seed,
-        "batch_size": params.batch_size,
-        "resolution": options.resolution,
-        "colormap": colormap,
-        "alpha": options.alpha,
-        "reduction": options.reduction,
-        "normalize": options.normalize,
-        "format": fmt,
-    }
+    """Every request parameter as it was applied, defaults and drawn values included: each part
+    echoes its own declaration (targets, engine, rendering)."""
+    return {"method": method, **targets.echo(), **params.requested(), **render.echo(signed=signed, fmt=fmt)}
 
 
 def explanation_item(
@@ -118,14 +83,14 @@ def explanation_item(
     i: int,
     k: int,
     geometry: Geometry,
-    options: RenderOptions,
+    render: RenderParams,
     *,
     image_index: int | None = None,
 ) -> dict[str, Any]:
     """One ``explanations`` entry: the target, the map's shape, values (a NumPy array: serialise
     with ``dumps``) and range."""
-    raw = heatmap(expl, i, k, geometry, options)
-    values = normalize(raw, options.normalize, expl.signed)
+    raw = heatmap(expl, i, k, geometry, render)
+    values = normalize(raw, render.normalize, expl.signed)
     index = int(expl.targets[i, k])
     item: dict[str, Any] = {}
     if image_index is not None:
@@ -142,12 +107,6 @@ def explanation_item(
     return item
 
 
-def rounded(values: np.ndarray) -> np.ndarray:
-    """float64 copy rounded to ~5 significant digits of the peak (NaN, ±inf → 0), for JSON."""
-    a = np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    return np.ascontiguousarray(np.round(a, _digits(a)))
-
-
 def _finite(v: float) -> float:
     return v if math.isfinite(v) else 0.0
 
@@ -156,7 +115,8 @@ def explain_body(
     model: LoadedModel,
     expl: Explanation,
     geometries: Sequence[Geometry],
-    options: TargetOptions,
+    targets: Targets,
+    render: RenderParams,
     *,
     fmt: str,
     elapsed_ms: float,
@@ -164,9 +124,8 @@ def explain_body(
 ) -> dict[str, Any]:
     """The explain JSON: every image (upload order) × target. ``image_indices`` adds each entry's
     ``image_index`` (job results)."""
-    colormap = colormap_for(options, expl.signed)
     entries = [
-        explanation_item(model, expl, i, k, geometries[i], options, image_index=i if image_indices else None)
+        explanation_item(model, expl, i, k, geometries[i], render, image_index=i if image_indices else None)
         for i in range(expl.maps.shape[0])
         for k in range(expl.maps.shape[1])
     ]
@@ -174,7 +133,7 @@ def explain_body(
         "model": model.name,
         "method": expl.method,
         "parameters": resolved_parameters(
-            options, expl.params, method=expl.method, colormap=colormap, fmt=fmt
+            expl.method, targets, expl.params, render, signed=expl.signed, fmt=fmt
         ),
         "elapsed_ms": round(elapsed_ms, 1),
         "explanations": entries,
@@ -209,28 +168,28 @@ def header_text(text: str) -> str:
     return quote(text, safe=" !#$&'()*+,-./:;<=>?@[]^_`{|}~")
 
 
-def png_bytes(expl: Explanation, item: Prepared, i: int, options: RenderOptions, *, overlay: bool) -> bytes:
+def png_bytes(expl: Explanation, item: Prepared, i: int, render: RenderParams, *, overlay: bool) -> bytes:
     """The heatmap (or overlay) PNG of image ``i``'s first target."""
-    if options.reduction == "none":
+    if render.reduction == "none":
         raise InvalidParameter("reduction=none needs format=json or npy", field="reduction")
-    m = heatmap(expl, i, 0, item.geometry, options)
-    colormap = colormap_for(options, expl.signed)
+    m = heatmap(expl, i, 0, item.geometry, render)
+    colormap = render.colormap_for(expl.signed)
     if overlay:
-        return overlay_png(backdrop(item, options), m, colormap, options.alpha, expl.signed)
+        return overlay_png(backdrop(item, render), m, colormap, render.alpha, expl.signed)
     return heatmap_png(m, colormap, expl.signed)
 
 
-def overlay_panel(expl: Explanation, item: Prepared, options: RenderOptions) -> Image.Image:
+def overlay_panel(expl: Explanation, item: Prepared, render: RenderParams) -> Image.Image:
     """Image 0's first-target overlay as a picture (a compare grid panel)."""
-    m = heatmap(expl, 0, 0, item.geometry, options.model_copy(update={"reduction": "default"}))
+    m = heatmap(expl, 0, 0, item.geometry, replace(render, reduction="default"))
     return overlay_image(
-        backdrop(item, options), m, colormap_for(options, expl.signed), options.alpha, expl.signed
+        backdrop(item, render), m, render.colormap_for(expl.signed), render.alpha, expl.signed
     )
 
 
-def npy_bytes(expl: Explanation, geometry: Geometry, i: int, options: RenderOptions) -> bytes:
+def npy_bytes(expl: Explanation, geometry: Geometry, i: int, render: RenderParams) -> bytes:
     """Image ``i``'s raw maps, float32, stacked over targets."""
-    maps = [heatmap(expl, i, k, geometry, options) for k in range(expl.maps.shape[1])]
+    maps = [heatmap(expl, i, k, geometry, render) for k in range(expl.maps.shape[1])]
     return to_npy(np.stack(maps))
 
 
@@ -239,7 +198,8 @@ def render_explanation(
     model: LoadedModel,
     expl: Explanation,
     items: Sequence[Prepared],
-    options: TargetOptions,
+    targets: Targets,
+    render: RenderParams,
     *,
     elapsed_ms: float,
     index: int = 0,
@@ -252,7 +212,8 @@ def render_explanation(
             model,
             expl,
             [it.geometry for it in items],
-            options,
+            targets,
+            render,
             fmt=fmt,
             elapsed_ms=elapsed_ms,
             image_indices=image_indices,
@@ -263,9 +224,9 @@ def render_explanation(
     headers = target_headers(model, expl, index, elapsed_ms)
     if fmt == "npy":
         headers["Content-Disposition"] = f'attachment; filename="{model.name}-{expl.method}.npy"'
-        data = npy_bytes(expl, items[index].geometry, index, options)
+        data = npy_bytes(expl, items[index].geometry, index, render)
         return Response(data, media_type=MEDIA_TYPES["npy"], headers=headers)
     if fmt in ("png", "overlay"):
-        data = png_bytes(expl, items[index], index, options, overlay=fmt == "overlay")
+        data = png_bytes(expl, items[index], index, render, overlay=fmt == "overlay")
         return Response(data, media_type=MEDIA_TYPES["png"], headers=headers)
     raise InvalidParameter(f"unknown format {fmt!r}", field="format")

@@ -14,7 +14,6 @@ from service.explainers import (  # importing a method module registers its meth
 )
 from service.explainers.base import (
     Attribution,
-    ExplainParams,
     Explanation,
     Method,
     ModelHandle,
@@ -24,7 +23,9 @@ from service.explainers.base import (
     method_names,
     register,
 )
-from service.explainers.engine import explain, predict, resolve_targets
+from service.explainers.engine import explain, predict
+from service.explainers.params import ExplainParams
+from service.explainers.targets import Targets
 
 __all__ = [
     "Attribution",
@@ -33,11 +34,11 @@ __all__ = [
     "Method",
     "ModelHandle",
     "RunContext",
+    "Targets",
     "all_methods",
     "explain",
     "get_method",
     "method_names",
     "predict",
     "register",
-    "resolve_targets",
 ]

@@ -15,100 +15,31 @@ import copy
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields, replace
-from typing import Any, ClassVar, Literal, TypeVar, get_args
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from service.errors import DuplicateName, InvalidParameter, TargetOutOfRange, UnknownMethod
+from service.errors import DuplicateName, MethodNotApplicable, UnknownMethod
+from service.explainers.params import ExplainParams, params_schema
+from service.explainers.targets import choose
 
 Family = Literal["cam", "gradient", "path", "perturbation"]
-Baseline = Literal["black", "white", "mean", "blur", "uniform"]
-Rule = Literal["gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid"]
 
-BASELINES: tuple[str, ...] = get_args(Baseline)
-RULES: tuple[str, ...] = get_args(Rule)
+#: What a method can need of a model (``Method.needs``; ``ModelHandle.offers`` says what it has):
+#: ``gradients``: a backward pass to the input; ``hooks``: Python forward hooks on submodules
+#: (TorchScript refuses them); ``layer``: a spatial target layer (the request's or the model's);
+#: ``python_forward``: a forward pass run as Python code, so that a torch function mode sees every
+#: call (the rectifier rules; TorchScript code hides its calls).
+Need = Literal["gradients", "hooks", "layer", "python_forward"]
 
-MAX_STEPS = 512
-MAX_SAMPLES = 256
-
-
-# ------------------------------------------------------------------------------------------------
-# parameters
-# ------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ExplainParams:
-    """Every knob a method may read. Each method declares the subset it uses (``Method.uses``).
-
-    ``batch_size`` is a memory knob only: results never depend on it, nor on which other images
-    share a batch (noise is drawn per image from ``seed``).
-    """
-
-    layer: str | None = field(default=None, metadata={"doc": "dotted module name (CAM methods)"})
-    steps: int = field(default=32, metadata={"doc": "integration steps", "min": 1, "max": MAX_STEPS})
-    samples: int = field(default=16, metadata={"doc": "noisy samples", "min": 1, "max": MAX_SAMPLES})
-    noise_level: float = field(
-        default=0.15, metadata={"doc": "σ as a fraction of the input's value range", "min": 0.0, "max": 1.0}
-    )
-    baseline: Baseline = field(default="black", metadata={"doc": "IG baseline"})
-    rule: Rule = field(default="gausslegendre", metadata={"doc": "IG integration rule"})
-    seed: int | None = field(default=None, metadata={"doc": "noise seed; same seed, same result"})
-    batch_size: int = field(
-        default=32, metadata={"doc": "passes run at once (memory knob)", "min": 1, "max": 1024}
-    )
-    autocast: bool = field(default=False, metadata={"doc": "bf16 autocast (CUDA only)"})
-
-    def validate(self) -> ExplainParams:
-        """Raise ``InvalidParameter`` naming the field when a value is out of its range."""
-        for f in fields(self):
-            value = getattr(self, f.name)
-            lo, hi = f.metadata.get("min"), f.metadata.get("max")
-            if value is None or isinstance(value, bool):
-                continue
-            if isinstance(value, (int, float)):
-                if lo is not None and value < lo:
-                    raise InvalidParameter(f"{f.name} must be ≥ {lo} (got {value})", field=f.name)
-                if hi is not None and value > hi:
-                    raise InvalidParameter(f"{f.name} must be ≤ {hi} (got {value})", field=f.name)
-        if self.baseline not in BASELINES:
-            raise InvalidParameter(f"baseline must be one of {', '.join(BASELINES)}", field="baseline")
-        if self.rule not in RULES:
-            raise InvalidParameter(f"rule must be one of {', '.join(RULES)}", field="rule")
-        if self.seed is not None and not (0 <= self.seed < 2**63):
-            raise InvalidParameter("seed must be in [0, 2**63)", field="seed")
-        return self
-
-    def with_(self, **changes: Any) -> ExplainParams:
-        return replace(self, **changes)
-
-
-def params_schema(names: frozenset[str]) -> dict[str, Any]:
-    """JSON Schema of the named ``ExplainParams`` fields (for ``GET /v1/methods``)."""
-    props: dict[str, Any] = {}
-    defaults = ExplainParams()
-    for f in fields(ExplainParams):
-        if f.name not in names:
-            continue
-        default = getattr(defaults, f.name)
-        prop: dict[str, Any] = {"description": f.metadata.get("doc", f.name), "default": default}
-        if f.name in {"baseline", "rule"}:
-            prop.update(type="string", enum=list(BASELINES if f.name == "baseline" else RULES))
-        elif f.name in {"layer"}:
-            prop.update(type=["string", "null"])
-        elif f.name == "seed":
-            prop.update(type=["integer", "null"], minimum=0)
-        elif isinstance(default, bool):
-            prop.update(type="boolean")
-        elif isinstance(default, int):
-            prop.update(type="integer")
-        else:
-            prop.update(type="number")
-        for key, js in (("min", "minimum"), ("max", "maximum")):
-            if key in f.metadata:
-                prop[js] = f.metadata[key]
-        props[f.name] = prop
-    return {"type": "object", "properties": props}
+NEED_TEXT: dict[str, str] = {
+    "gradients": "a backward pass to the input",
+    "hooks": "forward hooks on the model's layers, which TorchScript modules refuse",
+    "layer": "a spatial target layer, which this model lacks (set target_layer in its config)",
+    "python_forward": "to rewrite the backward pass of ReLUs, which TorchScript code hides",
+}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -132,6 +63,8 @@ class ModelHandle:
     optimize: bool = True
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     _prepared: dict[str | None, nn.Module] = field(default_factory=dict, repr=False)
+    _module_offers: frozenset[str] | None = field(default=None, repr=False)
+    _layer_probed: bool = field(default=False, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -171,6 +104,31 @@ class ModelHandle:
         get_layer(self.module, name)  # raises UnknownLayer listing the valid names
         return name
 
+    def offers(self, *, probe_layer: bool = True) -> frozenset[str]:
+        """What this model lets a method do (the ``Need`` values), measured once; ``layer`` when a
+        target layer is configured or, with ``probe_layer``, detected (``default_layer``)."""
+        from service.explainers.layers import has_scripted_parts, supports_hooks
+
+        if self._module_offers is None:
+            offers = {"gradients"}
+            if supports_hooks(self.module):
+                offers.add("hooks")
+            if not has_scripted_parts(self.module):
+                offers.add("python_forward")
+            self._module_offers = frozenset(offers)
+        layer = self.default_layer() if probe_layer else self.target_layer
+        return self._module_offers | ({"layer"} if layer is not None else set())
+
+    def default_layer(self) -> str | None:
+        """The configured CAM target layer, else the one detected on the model (probed once)."""
+        from service.explainers.layers import detect_target_layer
+
+        if self.target_layer is None and not self._layer_probed:
+            with self.lock, contextlib.suppress(RuntimeError, ValueError, TypeError):
+                self._layer_probed = True
+                self.target_layer = detect_target_layer(self.module, self.input_example())
+        return self.target_layer
+
     def input_example(self, size: int = 64) -> Tensor:
         return torch.zeros(1, len(self.mean) if len(self.mean) > 1 else 3, size, size, device=self.device)
 
@@ -190,6 +148,10 @@ class Attribution:
     maps: Tensor
     attributions: Tensor | None = None
     delta: Tensor | None = None
+    #: methods that score their own targets (``Method.picks_targets``): the logits (M, classes)
+    #: of each row's clean input and the row's target, the top-1 class where it was ``PREDICTED``
+    logits: Tensor | None = None
+    targets: Tensor | None = None
 
 
 @dataclass
@@ -223,13 +185,6 @@ class Explanation:
         )
 
 
-def check_target_range(targets: Tensor, num_classes: int) -> None:
-    """``TargetOutOfRange`` unless every class index is in ``[0, num_classes)``."""
-    bad = (targets < 0) | (targets >= num_classes)
-    if bool(bad.any()):
-        raise TargetOutOfRange(f"target {int(targets[bad][0])} is outside [0, {num_classes})", field="target")
-
-
 # ------------------------------------------------------------------------------------------------
 # the run context a method receives
 # ------------------------------------------------------------------------------------------------
@@ -249,11 +204,6 @@ class RunContext:
     cancel: CancelFn | None = None
     layer: str | None = None
     done_passes: int = 0
-    #: Set by the engine when the method's own clean pass supplies the targets' scores
-    #: (``Method.picks_targets``): the (logits, targets) of each chunk, in row order.
-    picked: list[tuple[Tensor, Tensor]] | None = None
-    #: With ``picked``: True when that pass also chooses each row's target (its top-1 class).
-    pick_top1: bool = False
 
     @property
     def device(self) -> torch.device:
@@ -302,39 +252,34 @@ class RunContext:
             raise TypeError("the model must return a tensor of logits")
         return out.float()
 
-    def pick(self, logits: Tensor, targets: Tensor) -> Tensor:
-        """The targets of these clean rows, recorded with their logits when the engine asked.
-
-        Outside ``picked`` mode: ``targets`` as given. In it: each row's top-1 class when
-        ``pick_top1``, else ``targets`` checked against the class count (``TargetOutOfRange``);
-        either way (logits, targets) is appended to ``picked`` for the engine's scores. This is how
-        a method's first pass replaces the separate forward the engine would otherwise run.
-        """
-        if self.picked is None:
-            return targets
-        logits = logits.detach().float()
-        if self.pick_top1:
-            targets = logits.argmax(dim=1)
-        else:
-            check_target_range(targets, logits.shape[1])
-        self.picked.append((logits, targets))
-        return targets
-
-    def input_gradients(self, x: Tensor, targets: Tensor, *, clean: bool = False) -> tuple[Tensor, Tensor]:
-        """∂ logit[target] / ∂ x for each row, and the rows' target logits. One forward+backward.
+    def input_gradients(self, x: Tensor, targets: Tensor, *, clean: bool = False) -> Gradient:
+        """∂ logit[target] / ∂ x for each row, with the rows' logits. One forward+backward.
 
         Only the input requires grad, so no parameter gradient is ever computed. ``clean``: these
-        rows are the engine's input rows, so their logits go through ``pick`` (which may choose
-        the targets).
+        rows are the engine's input rows, so their ``PREDICTED`` targets become their top-1
+        class and explicit ones are range-checked (``targets.choose``).
         """
         x = x.detach().requires_grad_(True)
         with torch.enable_grad():
             logits = self.forward(x)
             if clean:
-                targets = self.pick(logits, targets)
+                targets = choose(logits, targets)
             selected = logits.gather(1, targets.view(-1, 1)).squeeze(1)
             (grad,) = torch.autograd.grad(selected.sum(), x)
-        return grad.float(), selected.detach()
+        return Gradient(grad=grad.float(), logits=logits.detach(), targets=targets)
+
+
+@dataclass
+class Gradient:
+    """One forward + backward over a chunk of rows."""
+
+    grad: Tensor  # ∂ logit[target] / ∂ (the input, or a layer's activations), float32
+    logits: Tensor  # (n, classes) float32, detached
+    targets: Tensor  # (n,) the rows' targets (chosen, for clean rows)
+    act: Tensor | None = None  # the layer's activations, for layer gradients
+
+    def target_logits(self) -> Tensor:
+        return self.logits.gather(1, self.targets.view(-1, 1)).squeeze(1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -349,15 +294,50 @@ class Method(ABC):
     paper: ClassVar[str]
     uses: ClassVar[frozenset[str]] = frozenset({"batch_size", "autocast"})
     signed: ClassVar[bool] = False
-    needs_layer: ClassVar[bool] = False
-    #: True when ``attribute`` passes every row's clean-input logits through ``RunContext.pick``
-    #: exactly once, in row order, before it needs the row's target (``input_gradients`` and
-    #: ``layer_gradients`` with ``clean=True``, IG's endpoint pass): the engine then takes the
-    #: scores, and the top-1 targets, from that pass instead of running a forward pass of its own.
+    #: what the method needs of a model (see ``Need``); ``applicable`` compares it with what the
+    #: model offers, then asks ``check`` for anything method-specific
+    needs: ClassVar[frozenset[Need]] = frozenset({"gradients"})
+    #: True when ``attribute`` runs every row's clean input through the model exactly once before
+    #: it needs the row's target (``input_gradients`` / ``layer_gradients`` with ``clean=True``,
+    #: IG's endpoint pass), chooses ``PREDICTED`` targets there (``targets.choose``) and returns
+    #: those logits and targets in its ``Attribution``: the engine then runs no scoring pass of
+    #: its own for top-1 or explicit targets.
     picks_targets: ClassVar[bool] = False
 
+    @property
+    def needs_layer(self) -> bool:
+        return "layer" in self.needs
+
+    def applicable(self, handle: ModelHandle, params: ExplainParams) -> None:
+        """``MethodNotApplicable`` unless this model offers what the method needs (``require``)
+        and ``check`` accepts it: the question the model registry asks."""
+        self.require(handle, params)
+        self.check(handle, params)
+
+    def require(self, handle: ModelHandle, params: ExplainParams) -> None:
+        """``MethodNotApplicable`` naming what the model lacks of ``needs`` (a layer named in
+        ``params`` stands in for the model's own)."""
+        missing = sorted(self.needs - handle.offers(probe_layer=self.needs_layer) - _named(params))
+        if missing:
+            raise MethodNotApplicable(
+                f"{self.name} needs {'; and '.join(NEED_TEXT[n] for n in missing)}: it cannot explain "
+                f"model {handle.name!r}",
+                field="method",
+            )
+
+    def offered(self, handle: ModelHandle) -> bool:
+        """Whether the method works on this model with its default parameters (never raises a
+        domain error: for lists of applicable methods)."""
+        from service.errors import SaliencyError
+
+        try:
+            self.applicable(handle, ExplainParams(layer=handle.target_layer))
+        except (SaliencyError, RuntimeError, TypeError, ValueError):
+            return False
+        return True
+
     def check(self, handle: ModelHandle, params: ExplainParams) -> None:  # noqa: B027
-        """Raise ``MethodNotApplicable`` if this model cannot be explained this way."""
+        """Method-specific: raise ``MethodNotApplicable`` if this model cannot be explained this way."""
 
     def passes(self, params: ExplainParams) -> int:
         """Forward/backward passes per (image, target) pair: the cost used for limits and progress."""
@@ -369,6 +349,11 @@ class Method(ABC):
 
     def parameters_schema(self) -> dict[str, Any]:
         return params_schema(self.uses)
+
+
+def _named(params: ExplainParams) -> frozenset[str]:
+    """What a request supplies itself: a layer it names stands in for the model's own."""
+    return frozenset({"layer"}) if params.layer else frozenset()
 
 
 _REGISTRY: dict[str, Method] = {}

@@ -16,26 +16,32 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from service.explainers.base import Attribution, Method, RunContext, register
+from service.explainers.base import Attribution, Gradient, Method, Need, RunContext, register
 from service.explainers.hooks import capture
+from service.explainers.targets import choose
 
 
 class GradientCam(Method):
     """Shared engine: one forward to the logits, one backward to the target layer, then ``combine``."""
 
     family = "cam"
-    needs_layer = True
+    needs: ClassVar[frozenset[Need]] = frozenset({"gradients", "hooks", "layer"})
     picks_targets = True
     uses: ClassVar[frozenset[str]] = frozenset({"layer", "batch_size", "autocast"})
 
     def attribute(self, ctx: RunContext, x: Tensor, targets: Tensor) -> Attribution:
-        assert ctx.layer is not None
-        maps: list[Tensor] = []
-        for sl in ctx.chunks(x.shape[0]):
-            act, grad = layer_gradients(ctx, x[sl], targets[sl], clean=True)
-            maps.append(self.combine(act, grad))
-            ctx.advance(sl.stop - sl.start)
-        return Attribution(maps=torch.cat(maps))
+        passes = [self._chunk(ctx, x[sl], targets[sl]) for sl in ctx.chunks(x.shape[0])]
+        return Attribution(
+            maps=torch.cat([m for m, _ in passes]),
+            logits=torch.cat([g.logits for _, g in passes]),
+            targets=torch.cat([g.targets for _, g in passes]),
+        )
+
+    def _chunk(self, ctx: RunContext, x: Tensor, targets: Tensor) -> tuple[Tensor, Gradient]:
+        g = layer_gradients(ctx, x, targets, clean=True)
+        assert g.act is not None
+        ctx.advance(x.shape[0])
+        return self.combine(g.act, g.grad), g
 
     def combine(self, act: Tensor, grad: Tensor) -> Tensor:
         """(n, C, h, w) activations and gradients → (n, h, w) map. Default: ReLU(Σ_k w_k A_k)."""
@@ -47,10 +53,9 @@ class GradientCam(Method):
         raise NotImplementedError
 
 
-def layer_gradients(
-    ctx: RunContext, x: Tensor, targets: Tensor, *, clean: bool = False
-) -> tuple[Tensor, Tensor]:
-    """Target-layer activations and ∂ logit[target] / ∂ activations, both float32 (n, C, h, w).
+def layer_gradients(ctx: RunContext, x: Tensor, targets: Tensor, *, clean: bool = False) -> Gradient:
+    """Target-layer activations (``act``) and ∂ logit[target] / ∂ activations (``grad``), both
+    float32 (n, C, h, w), with the rows' logits.
 
     ``clean``: as in ``RunContext.input_gradients``.
     """
@@ -59,10 +64,10 @@ def layer_gradients(
         logits = ctx.forward(x.detach())
         act = cap.get()
         if clean:
-            targets = ctx.pick(logits, targets)
+            targets = choose(logits, targets)
         selected = logits.gather(1, targets.view(-1, 1)).sum()
         (grad,) = torch.autograd.grad(selected, act)
-    return act.detach().float(), grad.float()
+    return Gradient(grad=grad.float(), logits=logits.detach(), targets=targets, act=act.detach().float())
 
 
 @register

@@ -22,9 +22,10 @@ import torch
 from torch import Tensor, nn
 
 from service.errors import MethodNotApplicable, SaliencyError
-from service.explainers.base import Attribution, ExplainParams, Method, ModelHandle, RunContext, register
+from service.explainers.base import Attribution, Method, ModelHandle, Need, RunContext, register
 from service.explainers.hooks import capture
 from service.explainers.layers import find_target_layer, get_layer
+from service.explainers.params import ExplainParams
 
 
 @dataclass(frozen=True)
@@ -104,17 +105,6 @@ def cam_head(handle: ModelHandle, layer: str) -> CamHead | None:
         return head
 
 
-def supports_cam(handle: ModelHandle, layer: str | None = None) -> bool:
-    """Whether ``cam`` can explain this model on ``layer`` (default: the model's CAM target layer).
-
-    For the model registry's list of applicable methods; never raises.
-    """
-    try:
-        return cam_head(handle, handle.resolve_layer(layer)) is not None
-    except (SaliencyError, RuntimeError, TypeError, ValueError):
-        return False
-
-
 @register
 class Cam(Method):
     """CAM (Zhou et al., CVPR 2016, https://arxiv.org/abs/1512.04150).
@@ -135,7 +125,7 @@ class Cam(Method):
     paper = "https://arxiv.org/abs/1512.04150"
     uses: ClassVar[frozenset[str]] = frozenset({"layer", "batch_size", "autocast"})
     signed = True
-    needs_layer = True
+    needs: ClassVar[frozenset[Need]] = frozenset({"hooks", "layer"})
 
     def check(self, handle: ModelHandle, params: ExplainParams) -> None:
         layer = handle.resolve_layer(params.layer)

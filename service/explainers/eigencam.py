@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from service.explainers.base import Attribution, Method, RunContext, register
+from service.explainers.base import Attribution, Method, Need, RunContext, register
 from service.explainers.cam import distinct_images
 from service.explainers.hooks import capture
 
@@ -33,7 +33,7 @@ class EigenCam(Method):
     description = "Eigen-CAM: activations projected on their first principal component (class-agnostic)."
     paper = "https://arxiv.org/abs/2008.00299"
     uses: ClassVar[frozenset[str]] = frozenset({"layer", "batch_size", "autocast"})
-    needs_layer = True
+    needs: ClassVar[frozenset[Need]] = frozenset({"hooks", "layer"})
 
     def attribute(self, ctx: RunContext, x: Tensor, targets: Tensor) -> Attribution:
         assert ctx.layer is not None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -11,17 +10,17 @@ from torch import Tensor
 
 from service.errors import InvalidParameter
 from service.explainers.base import (
+    Attribution,
     CancelFn,
-    ExplainParams,
     Explanation,
+    Method,
     ModelHandle,
     ProgressFn,
     RunContext,
-    check_target_range,
     get_method,
 )
-
-TargetSpec = Sequence[Sequence[int]] | Tensor | None
+from service.explainers.params import ExplainParams
+from service.explainers.targets import Targets, choose_top_k
 
 
 def predict(handle: ModelHandle, x: Tensor, *, batch_size: int = 32) -> Tensor:
@@ -34,98 +33,96 @@ def predict(handle: ModelHandle, x: Tensor, *, batch_size: int = 32) -> Tensor:
     return torch.cat(outs) if outs else torch.empty(0, 0)
 
 
-def target_pairs(targets: TargetSpec, n: int) -> Tensor:
-    """The given targets as (N, K) int64, one or more per image (range checked later)."""
-    t = torch.as_tensor(targets, dtype=torch.int64)
-    if t.dim() == 1:
-        t = t.view(-1, 1)
-    if t.dim() != 2 or t.shape[0] != n or t.shape[1] < 1:
-        raise InvalidParameter(f"need one or more targets for each of the {n} images", field="target")
-    return t
-
-
-def resolve_targets(logits: Tensor, targets: TargetSpec, top_k: int) -> Tensor:
-    """(N, K) int64 class indices: the given ones (checked against the class count) or the top-k."""
-    n, num_classes = logits.shape
-    if targets is None:
-        if not 1 <= top_k <= num_classes:
-            raise InvalidParameter(f"top_k must be in [1, {num_classes}] (got {top_k})", field="top_k")
-        return logits.topk(top_k, dim=1).indices
-    t = target_pairs(targets, n)
-    check_target_range(t, num_classes)
-    return t
-
-
 def explain(
     handle: ModelHandle,
     x: Tensor,
     method: str,
     params: ExplainParams | None = None,
     *,
-    targets: TargetSpec = None,
-    top_k: int = 1,
+    targets: Targets | None = None,
     progress: ProgressFn | None = None,
     cancel: CancelFn | None = None,
 ) -> Explanation:
-    """Explain each image of ``x`` (N, C, H, W, already normalised) for its targets.
+    """Explain each image of ``x`` (N, C, H, W, already normalised) for its ``targets``
+    (default: each image's top-1 predicted class).
 
-    ``targets``: one or more class indices per image; ``None`` explains each image's ``top_k``
-    predicted classes. ``x`` is never modified. Holding the replica's lock, the method runs on
-    the handle's private copy; hooks are gone again when this returns or raises.
+    ``x`` is never modified. Holding the replica's lock, the method runs on the handle's private
+    copy; hooks are gone again when this returns or raises.
     """
     m = get_method(method)
-    params = (params or ExplainParams()).validate()
-    if x.dim() != 4:
-        raise InvalidParameter(f"expected a batch shaped (N, C, H, W), got {tuple(x.shape)}", field="image")
-    if params.seed is None:
-        params = params.with_(seed=secrets.randbits(62))
-    layer = handle.resolve_layer(params.layer) if m.needs_layer else None
-    if layer is not None:
-        params = params.with_(layer=layer)
-    m.check(handle, params)
-
-    n, _, h, w = x.shape
-    # A method whose own first pass sees every clean row (``picks_targets``) supplies the scores,
-    # and the top-1 targets, from that pass: no forward pass of the engine's own. Top-k needs the
-    # logits before the method runs, so it keeps the separate pass.
-    given = None if targets is None else target_pairs(targets, n)
-    own_pass = m.picks_targets and (given is not None or top_k == 1)
+    targets = targets or Targets.top(1)
+    n, k = _check_input(x, targets), targets.per_image
+    params = resolve_params(m, handle, params or ExplainParams())
     with handle.lock:
-        model = handle.prepared(keep=layer)
-        xd = x.detach().to(handle.device, torch.float32)
         ctx = RunContext(
             handle=handle,
-            model=model,
+            model=handle.prepared(keep=params.layer if m.needs_layer else None),
             params=params,
             progress=progress,
             cancel=cancel,
-            layer=layer,
-            picked=[] if own_pass else None,
-            pick_top1=given is None,
+            layer=params.layer if m.needs_layer else None,
         )
-        if own_pass:  # the method's pass checks the range of given targets, or chooses them
-            tk = given if given is not None else torch.full((n, 1), -1, dtype=torch.int64)
-        else:
-            with torch.inference_mode():
-                logits = torch.cat([ctx.forward(xd[sl]) for sl in ctx.chunks(n)])
-            tk = resolve_targets(logits.cpu(), given, top_k)
-        tk = tk.to(handle.device)
-        k = tk.shape[1]
-        pairs_x = xd.repeat_interleave(k, dim=0) if k > 1 else xd
+        xd = x.detach().to(handle.device, torch.float32)
+        rows, logits = _target_rows(ctx, m, xd, targets)
         ctx.total_passes = m.passes(params) * n * k
-        out = m.attribute(ctx, pairs_x, tk.reshape(-1))
-    if ctx.picked is not None:
-        scored = sum(t.shape[0] for _, t in ctx.picked)
-        if scored != n * k:
-            raise RuntimeError(f"{m.name} scored {scored} of its {n * k} rows")
-        pair_logits = torch.cat([lg for lg, _ in ctx.picked])
-        tk = torch.cat([t for _, t in ctx.picked]).view(n, k)
-    else:
-        pair_logits = logits.repeat_interleave(k, dim=0) if k > 1 else logits
-    pair_t = tk.reshape(-1, 1)
-    scores = pair_logits.softmax(dim=1).gather(1, pair_t).view(n, k)
-    target_logits = pair_logits.gather(1, pair_t).view(n, k)
+        out = m.attribute(ctx, xd.repeat_interleave(k, dim=0) if k > 1 else xd, rows.reshape(-1))
+    return _explanation(m, params, out, _scored(m, out, rows, logits), x.shape)
 
+
+def resolve_params(m: Method, handle: ModelHandle, params: ExplainParams) -> ExplainParams:
+    """The parameters a call runs with: the seed drawn when unset, the CAM layer resolved, and
+    ``MethodNotApplicable`` unless the method applies to this model (its needs first, then its
+    own ``check``). The job service calls this at submission, so a job's seed and layer are fixed
+    before it is queued."""
+    m.require(handle, params)
+    if params.seed is None:
+        params = params.with_(seed=secrets.randbits(62))
+    if m.needs_layer:
+        params = params.with_(layer=handle.resolve_layer(params.layer))
+    m.check(handle, params)
+    return params
+
+
+def _check_input(x: Tensor, targets: Targets) -> int:
+    if x.dim() != 4:
+        raise InvalidParameter(f"expected a batch shaped (N, C, H, W), got {tuple(x.shape)}", field="image")
+    n = int(x.shape[0])
+    targets.check_images(n)
+    return n
+
+
+def _target_rows(ctx: RunContext, m: Method, x: Tensor, targets: Targets) -> tuple[Tensor, Tensor | None]:
+    """(N, K) targets for the method, and the logits (N, classes) of a scoring pass, if one ran.
+
+    A method that scores its own targets (``picks_targets``) gets the explicit classes, or
+    ``PREDICTED`` for top-1, and no pass runs here. Top-k needs the logits first: a separate
+    forward pass, under the method's autocast, scores and chooses them.
+    """
+    if m.picks_targets and (targets.explicit or targets.top_k == 1):
+        return targets.rows(int(x.shape[0])).to(x.device), None
+    with torch.inference_mode():
+        logits = torch.cat([ctx.forward(x[sl]) for sl in ctx.chunks(int(x.shape[0]))])
+    return choose_top_k(logits, targets), logits
+
+
+def _scored(m: Method, out: Attribution, rows: Tensor, logits: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(logits, target) of every (image, target) pair, from the scoring pass or the method's own."""
+    k = rows.shape[1]
+    if logits is not None:
+        return (logits.repeat_interleave(k, dim=0) if k > 1 else logits), rows.reshape(-1)
+    if out.logits is None or out.targets is None or out.targets.shape[0] != rows.numel():
+        raise RuntimeError(f"{m.name} did not score each of its {rows.numel()} rows")
+    return out.logits, out.targets
+
+
+def _explanation(
+    m: Method, params: ExplainParams, out: Attribution, scored: tuple[Tensor, Tensor], shape: torch.Size
+) -> Explanation:
+    """The method's flat result reshaped to (N, K, …), maps upsampled to the input, on the CPU."""
+    n, _, h, w = shape
+    pair_logits, pair_targets = scored
+    k = pair_targets.shape[0] // n
+    index = pair_targets.view(-1, 1)
     maps = out.maps.float()
     if maps.dim() == 4:
         maps = maps.squeeze(1)
@@ -136,9 +133,9 @@ def explain(
         method=m.name,
         params=params,
         maps=maps.reshape(n, k, h, w).cpu(),
-        targets=tk.cpu(),
-        scores=scores.cpu(),
-        logits=target_logits.cpu(),
+        targets=pair_targets.view(n, k).cpu(),
+        scores=pair_logits.softmax(dim=1).gather(1, index).view(n, k).cpu(),
+        logits=pair_logits.gather(1, index).view(n, k).cpu(),
         attributions=None
         if attributions is None
         else attributions.float().reshape(n, k, *attributions.shape[1:]).cpu(),

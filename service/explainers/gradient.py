@@ -9,18 +9,22 @@ channels to a map. ``PixelMethod`` is the shared base, also used by the path and
 from __future__ import annotations
 
 from abc import abstractmethod
+from dataclasses import replace
 from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from service.errors import MethodNotApplicable
-from service.explainers.base import Attribution, ExplainParams, Method, ModelHandle, RunContext, register
+from service.explainers.base import Attribution, Method, Need, RunContext, register
 from service.explainers.cam import GradCam, layer_gradients
-from service.explainers.rectifiers import RectifierRule, backward_rule, has_scripted_parts
+from service.explainers.params import ExplainParams
+from service.explainers.rectifiers import RectifierRule, backward_rule
 
 Reduction = Literal["max", "sum"]
+
+#: the ``maps`` of a ``pixel_attributions`` result, which ``PixelMethod.attribute`` fills in
+EMPTY = torch.empty(0)
 
 
 class PixelMethod(Method):
@@ -33,8 +37,9 @@ class PixelMethod(Method):
     reduction: ClassVar[Reduction] = "sum"
 
     @abstractmethod
-    def pixel_attributions(self, ctx: RunContext, x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Float32 attributions shaped like ``x`` and, for path methods, the (M,) completeness delta."""
+    def pixel_attributions(self, ctx: RunContext, x: Tensor, targets: Tensor) -> Attribution:
+        """An ``Attribution`` whose ``attributions`` are float32, shaped like ``x`` (its ``maps``
+        left empty: ``attribute`` fills them), with path methods' (M,) completeness ``delta``."""
 
     def to_map(self, attributions: Tensor) -> Tensor:
         if self.reduction == "max":
@@ -42,8 +47,9 @@ class PixelMethod(Method):
         return attributions.sum(dim=1)
 
     def attribute(self, ctx: RunContext, x: Tensor, targets: Tensor) -> Attribution:
-        attributions, delta = self.pixel_attributions(ctx, x, targets)
-        return Attribution(maps=self.to_map(attributions), attributions=attributions, delta=delta)
+        out = self.pixel_attributions(ctx, x, targets)
+        assert out.attributions is not None
+        return replace(out, maps=self.to_map(out.attributions))
 
 
 class InputGradientMethod(PixelMethod):
@@ -53,21 +59,18 @@ class InputGradientMethod(PixelMethod):
     picks_targets = True
     rectifier: ClassVar[RectifierRule | None] = None
 
-    def check(self, handle: ModelHandle, params: ExplainParams) -> None:
-        if self.rectifier is not None and has_scripted_parts(handle.module):
-            raise MethodNotApplicable(
-                f"{self.name} rewrites the backward pass of ReLUs, which TorchScript code hides; "
-                "use saliency or integrated_gradients for this model"
-            )
-
-    def pixel_attributions(self, ctx: RunContext, x: Tensor, targets: Tensor) -> tuple[Tensor, None]:
+    def pixel_attributions(self, ctx: RunContext, x: Tensor, targets: Tensor) -> Attribution:
         out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        logits: list[Tensor] = []
+        chosen: list[Tensor] = []
         for sl in ctx.chunks(x.shape[0]):
             with backward_rule(self.rectifier):
-                grad, _ = ctx.input_gradients(x[sl], targets[sl], clean=True)
-            out[sl] = self.combine(x[sl], grad)
+                g = ctx.input_gradients(x[sl], targets[sl], clean=True)
+            out[sl] = self.combine(x[sl], g.grad)
+            logits.append(g.logits)
+            chosen.append(g.targets)
             ctx.advance(sl.stop - sl.start)
-        return out, None
+        return Attribution(maps=EMPTY, attributions=out, logits=torch.cat(logits), targets=torch.cat(chosen))
 
     def combine(self, x: Tensor, grad: Tensor) -> Tensor:
         """Per-channel attribution from the input and its (rule-modified) gradient."""
@@ -122,6 +125,7 @@ class GuidedBackprop(InputGradientMethod):
     description = "Gradient with only positive signals passed back through each ReLU."
     paper = "https://arxiv.org/abs/1412.6806"
     signed = True
+    needs: ClassVar[frozenset[Need]] = frozenset({"gradients", "python_forward"})
     rectifier = "guided"
 
 
@@ -138,6 +142,7 @@ class Deconvnet(InputGradientMethod):
     description = "Deconvolution: rectified gradients passed back through each ReLU, ignoring its input."
     paper = "https://arxiv.org/abs/1311.2901"
     signed = True
+    needs: ClassVar[frozenset[Need]] = frozenset({"gradients", "python_forward"})
     rectifier = "deconvnet"
 
 
@@ -156,26 +161,23 @@ class GuidedGradCam(PixelMethod):
     description = "Guided Backprop masked by the bilinearly upsampled Grad-CAM map."
     paper = "https://arxiv.org/abs/1610.02391"
     signed = True
-    needs_layer = True
+    needs: ClassVar[frozenset[Need]] = GradCam.needs | GuidedBackprop.needs
     uses: ClassVar[frozenset[str]] = frozenset({"layer", "batch_size", "autocast"})
 
     _gradcam: ClassVar[GradCam] = GradCam()
-    _guided: ClassVar[GuidedBackprop] = GuidedBackprop()
-
-    def check(self, handle: ModelHandle, params: ExplainParams) -> None:
-        self._guided.check(handle, params)
 
     def passes(self, params: ExplainParams) -> int:
         return 2
 
-    def pixel_attributions(self, ctx: RunContext, x: Tensor, targets: Tensor) -> tuple[Tensor, None]:
+    def pixel_attributions(self, ctx: RunContext, x: Tensor, targets: Tensor) -> Attribution:
         out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         for sl in ctx.chunks(x.shape[0]):
             with backward_rule("guided"):
-                guided, _ = ctx.input_gradients(x[sl], targets[sl])
-            act, grad = layer_gradients(ctx, x[sl], targets[sl])
-            cam = self._gradcam.combine(act, grad)
+                guided = ctx.input_gradients(x[sl], targets[sl]).grad
+            g = layer_gradients(ctx, x[sl], targets[sl])
+            assert g.act is not None
+            cam = self._gradcam.combine(g.act, g.grad)
             up = F.interpolate(cam.unsqueeze(1), size=x.shape[-2:], mode="bilinear", align_corners=False)
             out[sl] = guided * up
             ctx.advance(2 * (sl.stop - sl.start))
-        return out, None
+        return Attribution(maps=EMPTY, attributions=out)

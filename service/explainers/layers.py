@@ -1,4 +1,10 @@
-"""Finding and naming layers: dotted names resolved with ``get_submodule``."""
+"""Finding, naming and describing a model's layers: the one module that knows about layers.
+
+Dotted names are resolved with ``get_submodule``. The CAM target layer is found by measuring the
+model (``find_target_layer``: the last spatial map in execution order) or, for TorchScript
+modules that refuse hooks, by structure alone (``layer_before_head``). ``supports_hooks`` and
+``has_scripted_parts`` say what a module lets the engine do (``ModelHandle.offers``).
+"""
 
 from __future__ import annotations
 
@@ -57,3 +63,80 @@ def find_target_layer(model: nn.Module, example: Tensor) -> str:
     if not order:
         raise UnknownLayer("(auto)", layer_names(model))
     return order[-1]
+
+
+def detect_target_layer(module: nn.Module, example: Tensor) -> str | None:
+    """The CAM target layer of a model without a configured one, or ``None`` (no CAM methods).
+
+    Measured with forward hooks where the module takes them, by structure otherwise.
+    """
+    if not supports_hooks(module):
+        return layer_before_head(module)
+    try:
+        return find_target_layer(module, example)
+    except UnknownLayer:
+        return None
+
+
+# class names (``original_name`` for TorchScript) that make up a classifier head
+_HEAD_KINDS = frozenset(
+    {
+        "Linear",
+        "Flatten",
+        "Dropout",
+        "Identity",
+        "Softmax",
+        "ReLU",
+        "AdaptiveAvgPool2d",
+        "AdaptiveMaxPool2d",
+        "SelectAdaptivePool2d",
+        "AvgPool2d",
+        "ClassifierHead",
+    }
+)
+
+
+def _kind(module: nn.Module) -> str:
+    return str(getattr(module, "original_name", None) or type(module).__name__)
+
+
+def _is_head(module: nn.Module) -> bool:
+    children = list(module.children())
+    if not children:
+        return _kind(module) in _HEAD_KINDS
+    return _kind(module) in _HEAD_KINDS or all(_is_head(c) for c in children)
+
+
+def layer_before_head(module: nn.Module) -> str | None:
+    """By structure alone (no forward hooks): the last child before the pooling/classifier head.
+
+    ``layer4`` of a ResNet, ``bn2`` of timm's EfficientNet, ``features`` of a VGG. Used for
+    TorchScript modules, which refuse Python hooks; single-child wrappers are descended into.
+    """
+    prefix = ""
+    current = module
+    while True:
+        children = list(current.named_children())
+        if len(children) == 1 and not _is_head(children[0][1]):
+            name, current = children[0]
+            prefix += name + "."
+            continue
+        for name, child in reversed(children):
+            if not _is_head(child):
+                return prefix + name
+        return None
+
+
+def supports_hooks(module: nn.Module) -> bool:
+    """Whether Python forward hooks can be registered on ``module`` (TorchScript refuses them)."""
+    try:
+        handle = module.register_forward_hook(lambda *_: None)
+    except RuntimeError:
+        return False
+    handle.remove()
+    return True
+
+
+def has_scripted_parts(module: nn.Module) -> bool:
+    """True when ``module`` is or contains TorchScript code, which torch function modes cannot see."""
+    return any(isinstance(m, torch.jit.ScriptModule) for m in module.modules())

@@ -31,8 +31,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from service.explainers.base import Attribution, ExplainParams, Method, ModelHandle, RunContext, register
+from service.explainers.base import Attribution, Method, ModelHandle, RunContext, register
 from service.explainers.gradient import PixelMethod, Saliency
+from service.explainers.params import ExplainParams
 from service.explainers.path import IntegratedGradients
 
 NOISE_USES = frozenset({"samples", "noise_level", "seed"})
@@ -152,8 +153,10 @@ class NoiseTunnel(Method):
         chunks = noisy_chunks(x, ctx.params.noise_level, samples, ctx.seed, ctx.batch_size)
         for noisy, rows in chunks:
             ctx.check_cancel()
-            attributions, delta = self.inner.pixel_attributions(ctx, noisy, targets[rows])
-            total.index_add_(0, rows, attributions.float())
+            part = self.inner.pixel_attributions(ctx, noisy, targets[rows])
+            assert part.attributions is not None
+            total.index_add_(0, rows, part.attributions.float())
+            delta = part.delta
             if delta is not None:
                 if delta_total is None:
                     delta_total = torch.zeros(m, dtype=torch.float32, device=x.device)

@@ -17,6 +17,7 @@ top-1 targets); a baseline shared by every pair (all but ``blur``) is run once.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -27,8 +28,10 @@ from numpy.typing import NDArray
 from torch import Tensor
 
 from service.errors import InvalidParameter
-from service.explainers.base import ExplainParams, ModelHandle, RunContext, register
-from service.explainers.gradient import PixelMethod
+from service.explainers.base import Attribution, ModelHandle, RunContext, register
+from service.explainers.gradient import EMPTY, PixelMethod
+from service.explainers.params import ExplainParams
+from service.explainers.targets import choose
 
 # ------------------------------------------------------------------------------------------------
 # integration rules
@@ -169,7 +172,7 @@ class IntegratedGradients(PixelMethod):
     def passes(self, params: ExplainParams) -> int:
         return params.steps + 2
 
-    def pixel_attributions(self, ctx: RunContext, x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    def pixel_attributions(self, ctx: RunContext, x: Tensor, targets: Tensor) -> Attribution:
         x = x.float()
         nodes, weights = integration_rule(ctx.params.rule, ctx.params.steps)
         steps = len(nodes)
@@ -178,9 +181,8 @@ class IntegratedGradients(PixelMethod):
         baseline = make_baseline(ctx.params.baseline, x, ctx.handle, ctx.seed)
         # The endpoints first: their forward of the clean rows is the pass that scores (and, for
         # top-1, chooses) the targets, so the engine runs no forward pass of its own.
-        targets, f_x, f_base = endpoint_logits(
-            ctx, x, baseline, targets, shared=ctx.params.baseline != "blur"
-        )
+        ends = endpoint_logits(ctx, x, baseline, targets, shared=ctx.params.baseline != "blur")
+        targets = ends.targets
         diff = x - baseline
 
         total = torch.zeros_like(x)  # Σ_k w_k ∇f at the scaled inputs, per pair
@@ -188,23 +190,35 @@ class IntegratedGradients(PixelMethod):
             flat = torch.arange(sl.start, sl.stop, device=x.device)
             pair, step = flat // steps, flat % steps
             a = alpha[step].view(-1, 1, 1, 1)
-            grad, _ = ctx.input_gradients(baseline[pair] + a * diff[pair], targets[pair])
+            grad = ctx.input_gradients(baseline[pair] + a * diff[pair], targets[pair]).grad
             total.index_add_(0, pair, grad * weight[step].view(-1, 1, 1, 1))
             ctx.advance(sl.stop - sl.start)
 
         attributions = diff * total
-        delta = attributions.sum(dim=(1, 2, 3)) - (f_x - f_base)
-        return attributions, delta
+        delta = attributions.sum(dim=(1, 2, 3)) - (ends.f_x - ends.f_base)
+        return Attribution(
+            maps=EMPTY, attributions=attributions, delta=delta, logits=ends.logits, targets=targets
+        )
+
+
+@dataclass
+class Endpoints:
+    """The forwards at both ends of each pair's path."""
+
+    logits: Tensor  # (M, classes) of the clean inputs
+    targets: Tensor  # (M,) chosen (``targets.choose``)
+    f_x: Tensor  # (M,) the target's logit at the input
+    f_base: Tensor  # (M,) and at the baseline
 
 
 def endpoint_logits(
     ctx: RunContext, x: Tensor, baseline: Tensor, targets: Tensor, *, shared: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(targets, f(x), f(x')) of each pair, float32: forwards only, in chunks of ``batch_size``.
+) -> Endpoints:
+    """Forwards only, float32, in chunks of ``batch_size``: the clean rows' logits (their
+    ``PREDICTED`` targets chosen there) and each pair's endpoint logits f(x), f(x').
 
-    The clean rows go through ``RunContext.pick`` (which may choose their targets). ``shared``:
-    every row has the same baseline (all but ``blur``), so one row of it is run for all pairs —
-    though it counts as one pass per pair in ``passes`` and progress.
+    ``shared``: every row has the same baseline (all but ``blur``), so one row of it is run for
+    all pairs — though it counts as one pass per pair in ``passes`` and progress.
     """
     m = x.shape[0]
     rows = torch.cat([x, baseline[:1] if shared else baseline])
@@ -217,7 +231,7 @@ def endpoint_logits(
             clean = max(0, min(sl.stop, m) - sl.start)
             if clean:
                 mine = slice(sl.start, sl.start + clean)
-                chosen[mine] = ctx.pick(out[:clean], targets[mine])
+                chosen[mine] = choose(out[:clean], targets[mine])
                 x_logits.append(out[:clean])
             if clean < out.shape[0]:
                 base_logits.append(out[clean:])
@@ -225,6 +239,7 @@ def endpoint_logits(
     if shared and m > 1:
         ctx.advance(m - 1)  # the pairs' other baseline rows, run as one
     index = chosen.view(-1, 1)
-    f_x = torch.cat(x_logits).gather(1, index).squeeze(1)
+    logits = torch.cat(x_logits)
+    f_x = logits.gather(1, index).squeeze(1)
     f_base = torch.cat(base_logits).expand(m, -1).gather(1, index).squeeze(1)
-    return chosen, f_x, f_base
+    return Endpoints(logits=logits, targets=chosen, f_x=f_x, f_base=f_base)

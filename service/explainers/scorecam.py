@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from service.explainers.base import Attribution, ExplainParams, Method, RunContext, register
+from service.explainers.base import Attribution, Method, Need, RunContext, register
 from service.explainers.cam import distinct_images
 from service.explainers.hooks import capture
+from service.explainers.params import ExplainParams
 
 # Channels of EfficientNet-Lite0's last feature map (the service's default model): the channel
 # count ``passes`` assumes before the layer has been seen.
@@ -43,7 +44,7 @@ class ScoreCam(Method):
     description = "Score-CAM: channels weighted by the target's probability on the image masked by each one."
     paper = "https://arxiv.org/abs/1910.01279"
     uses: ClassVar[frozenset[str]] = frozenset({"layer", "batch_size", "autocast"})
-    needs_layer = True
+    needs: ClassVar[frozenset[Need]] = frozenset({"hooks", "layer"})
 
     def passes(self, params: ExplainParams) -> int:
         """Nominal 1 + ``NOMINAL_CHANNELS``; ``attribute`` corrects the total once it sees the layer."""

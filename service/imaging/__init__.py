@@ -3,6 +3,7 @@ upload and the model input, and rendering (colormaps, overlays, PNG, ``.npy``, J
 
 from service.imaging.decode import decode_image, decode_upload
 from service.imaging.geometry import Geometry, preprocess, to_original
+from service.imaging.options import MEDIA_TYPES, RenderParams
 from service.imaging.render import (
     COLORMAPS,
     colorize,
@@ -12,13 +13,15 @@ from service.imaging.render import (
     normalize,
     overlay_image,
     overlay_png,
-    round_floats,
+    rounded,
     to_npy,
 )
 
 __all__ = [
     "COLORMAPS",
+    "MEDIA_TYPES",
     "Geometry",
+    "RenderParams",
     "colorize",
     "compare_grid",
     "decode_image",
@@ -29,7 +32,7 @@ __all__ = [
     "overlay_image",
     "overlay_png",
     "preprocess",
-    "round_floats",
+    "rounded",
     "to_npy",
     "to_original",
 ]

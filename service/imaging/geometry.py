@@ -44,10 +44,6 @@ class Geometry:
         """(height, width) of the uploaded image."""
         return self.original_height, self.original_width
 
-    @property
-    def input_hw(self) -> tuple[int, int]:
-        return self.input_height, self.input_width
-
 
 def crop_box(
     width: int, height: int, out_h: int, out_w: int, resize: ResizeMode

@@ -1,4 +1,4 @@
-"""Maps → pictures and arrays: normalisation, colormaps, overlays, PNG, ``.npy``, JSON lists.
+"""Maps → pictures and arrays: normalisation, colormaps, overlays, PNG, ``.npy``, JSON values.
 
 Colormaps come from the ``cmap`` package (its catalogue carries matplotlib's, MATLAB's and
 Google's maps); each is sampled once into a 256-entry lookup table. ``diverging`` (ColorBrewer
@@ -57,13 +57,23 @@ def normalize(m: np.ndarray, mode: NormalizeMode = "minmax", signed: bool = Fals
     return (a - lo) / (hi - lo)
 
 
-def round_floats(arr: np.ndarray | Any, digits: int = 5) -> Any:
-    """Nested lists of Python floats rounded to ``digits`` decimals (NaN and ±inf → 0.0), for JSON.
+def rounded(values: np.ndarray) -> np.ndarray:
+    """float64 copy rounded to ~5 significant digits of the peak (NaN, ±inf → 0), for JSON.
 
     Rounding happens in float64, so the values print as short decimals (no float32 noise).
     """
-    a = np.nan_to_num(np.asarray(arr, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    return np.round(a, digits).tolist()
+    a = np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    return np.ascontiguousarray(np.round(a, _digits(a)))
+
+
+SIGNIFICANT_DIGITS = 5
+
+
+def _digits(m: np.ndarray) -> int:
+    peak = float(np.abs(m).max()) if m.size else 0.0
+    if peak <= 0 or not math.isfinite(peak):
+        return SIGNIFICANT_DIGITS
+    return max(0, min(15, SIGNIFICANT_DIGITS - 1 - math.floor(math.log10(peak))))
 
 
 def to_npy(arr: np.ndarray | Any) -> bytes:

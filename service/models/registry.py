@@ -6,10 +6,9 @@ the engine's ``ModelHandle``. Lookups explain themselves: an unknown name lists 
 
 from __future__ import annotations
 
-import importlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -20,15 +19,13 @@ from torch import Tensor, nn
 from service.config import Settings
 from service.errors import (
     ConfigError,
-    MethodNotApplicable,
     ModelLoadError,
-    SaliencyError,
     TargetOutOfRange,
     UnknownLayer,
     UnknownModel,
 )
-from service.explainers import ExplainParams, Method, ModelHandle, all_methods, explain
-from service.explainers.layers import find_target_layer, layer_names
+from service.explainers import ExplainParams, ModelHandle, Targets, all_methods, explain
+from service.explainers.layers import detect_target_layer, layer_names
 from service.imaging.geometry import Geometry, preprocess
 from service.models.loaders import (
     BUILTIN_MEAN,
@@ -44,10 +41,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "efficientnet_lite0"
 
-# methods that rewrite the backward pass of ReLUs with module hooks (not only the CAM family,
-# which hooks its target layer); a module that refuses hooks (TorchScript) cannot run them
-_HOOK_METHODS = frozenset({"guided_backprop", "deconvnet", "guided_gradcam"})
-
 # warm-up: a cheap member of each method family and of each distinct code path (gradient CAM,
 # gradient-free CAM, input gradients, rectified backward, path integral, noise wrapper), tiny
 # settings; Score-CAM is left out (one forward per channel: a minute on a CPU for 1280 channels)
@@ -60,6 +53,7 @@ WARMUP_PREFERENCE: tuple[str, ...] = (
     "smoothgrad",
 )
 WARMUP_PARAMS = ExplainParams(steps=2, samples=2, seed=0)
+WARMUP_TARGETS = Targets.given([[0]])
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -117,30 +111,11 @@ class LoadedModel:
         return self.labels[index]
 
     def methods(self) -> list[str]:
-        """Names of the registered methods that work on this model, in registry order."""
+        """Names of the registered methods that work on this model, in registry order: each
+        method is asked (``Method.offered``); warm-up failures are withdrawn."""
         if self._methods is None:
-            self._methods = [m.name for m in all_methods() if self._applicable(m)]
+            self._methods = [m.name for m in all_methods() if m.offered(self.handle)]
         return [name for name in self._methods if name not in self.failed_methods]
-
-    def _applicable(self, method: Method) -> bool:
-        hooks_ok = supports_hooks(self.handle.module)
-        needs_hooks = bool(getattr(method, "needs_hooks", method.needs_layer or method.name in _HOOK_METHODS))
-        if needs_hooks and not hooks_ok:
-            return False
-        if method.needs_layer and self.handle.target_layer is None:
-            return False
-        if method.name == "cam":
-            supports_cam = _supports_cam()
-            if supports_cam is not None and not supports_cam(self.handle):
-                return False
-        try:
-            method.check(self.handle, ExplainParams(layer=self.handle.target_layer))
-        except MethodNotApplicable:
-            return False
-        except SaliencyError as exc:
-            log.debug("method %s not offered for %s: %s", method.name, self.name, exc)
-            return False
-        return True
 
     def info(self) -> dict[str, Any]:
         """``ModelInfo`` of the API contract."""
@@ -163,26 +138,6 @@ class LoadedModel:
     def example_input(self) -> Tensor:
         """A (1, C, H, W) grey image at the model's input size, on its device."""
         return torch.zeros(1, *self.input_size, device=self.device)
-
-
-def _supports_cam() -> Callable[[ModelHandle], bool] | None:
-    """``service.explainers.class_cam.supports_cam`` where that module provides it."""
-    try:
-        mod = importlib.import_module("service.explainers.class_cam")
-    except ImportError:
-        return None
-    fn = getattr(mod, "supports_cam", None)
-    return fn if callable(fn) else None
-
-
-def supports_hooks(module: nn.Module) -> bool:
-    """Whether Python forward hooks can be registered on ``module`` (TorchScript refuses them)."""
-    try:
-        handle = module.register_forward_hook(lambda *_: None)
-    except RuntimeError:
-        return False
-    handle.remove()
-    return True
 
 
 # ------------------------------------------------------------------------------------------------
@@ -277,72 +232,19 @@ def _probe(spec: ModelSpec, module: nn.Module, example: Tensor) -> int:
 
 
 def _target_layer(spec: ModelSpec, module: nn.Module, example: Tensor) -> str | None:
-    """The configured CAM layer (checked), else the auto-detected one, else ``None`` (no CAM)."""
+    """The configured CAM layer (checked), else the detected one, else ``None`` (no CAM)."""
     if spec.target_layer is not None:
         names = layer_names(module)  # not get_submodule: TorchScript modules lack it
         if spec.target_layer not in names:
             exc = UnknownLayer(spec.target_layer, names)
             raise ConfigError(f"model {spec.name!r}: target_layer: {exc.message}")
         return spec.target_layer
-    if not supports_hooks(module):
-        layer = layer_before_head(module)
-        if layer is None:
-            log.warning("model %s: no target layer found; set target_layer in its config", spec.name)
-        return layer
-    try:
-        return find_target_layer(module, example)
-    except UnknownLayer:
-        log.warning("model %s produces no spatial feature map: CAM methods are not offered", spec.name)
-        return None
-
-
-# class names (``original_name`` for TorchScript) that make up a classifier head
-_HEAD_KINDS = frozenset(
-    {
-        "Linear",
-        "Flatten",
-        "Dropout",
-        "Identity",
-        "Softmax",
-        "ReLU",
-        "AdaptiveAvgPool2d",
-        "AdaptiveMaxPool2d",
-        "SelectAdaptivePool2d",
-        "AvgPool2d",
-        "ClassifierHead",
-    }
-)
-
-
-def _kind(module: nn.Module) -> str:
-    return str(getattr(module, "original_name", None) or type(module).__name__)
-
-
-def _is_head(module: nn.Module) -> bool:
-    children = list(module.children())
-    if not children:
-        return _kind(module) in _HEAD_KINDS
-    return _kind(module) in _HEAD_KINDS or all(_is_head(c) for c in children)
-
-
-def layer_before_head(module: nn.Module) -> str | None:
-    """By structure alone (no forward hooks): the last child before the pooling/classifier head.
-
-    ``layer4`` of a ResNet, ``bn2`` of timm's EfficientNet, ``features`` of a VGG. Used for
-    TorchScript modules, which refuse Python hooks; single-child wrappers are descended into.
-    """
-    prefix = ""
-    current = module
-    while True:
-        children = list(current.named_children())
-        if len(children) == 1 and not _is_head(children[0][1]):
-            name, current = children[0]
-            prefix += name + "."
-            continue
-        for name, child in reversed(children):
-            if not _is_head(child):
-                return prefix + name
-        return None
+    layer = detect_target_layer(module, example)
+    if layer is None:
+        log.warning(
+            "model %s: no target layer found (set target_layer in its config): no CAM methods", spec.name
+        )
+    return layer
 
 
 # ------------------------------------------------------------------------------------------------
@@ -412,7 +314,7 @@ class ModelRegistry:
             started = time.perf_counter()
             for name in warmup_plan(model):
                 try:
-                    explain(model.handle, model.example_input(), name, WARMUP_PARAMS, targets=[[0]])
+                    explain(model.handle, model.example_input(), name, WARMUP_PARAMS, targets=WARMUP_TARGETS)
                 except Exception as exc:
                     log.exception("warm-up of %s on %s failed; the method is withdrawn", name, model.name)
                     model.failed_methods[name] = f"{type(exc).__name__}: {exc}"

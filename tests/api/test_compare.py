@@ -9,7 +9,7 @@ import pytest
 from api_helpers import decode_png, upload
 from fastapi.testclient import TestClient
 
-from service.api.params import DEFAULT_COMPARE
+from service.api.options import DEFAULT_COMPARE
 from service.imaging.render import TILE, grid_columns
 
 COMPARE = "/v1/models/tiny/compare"

@@ -12,7 +12,7 @@ from api_helpers import LABELS, decode_png, sample_image, upload
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from service.explainers import ExplainParams, Explanation, explain, get_method, method_names
+from service.explainers import ExplainParams, Explanation, Targets, explain, get_method, method_names
 from service.imaging.render import normalize
 
 # small but non-trivial settings so that every method stays cheap on the 64×64 ResNet
@@ -43,7 +43,7 @@ def engine_explanation(app: FastAPI, method: str, image_png: bytes, target: int)
     model = app.state.services.registry.get("tiny")
     x, _ = model.preprocess(decode_png(image_png).convert("RGB"))
     params = ExplainParams(steps=4, samples=3, seed=7, layer=LAYER.get(method))
-    return explain(model.handle, x[None], method, params, targets=[[target]])
+    return explain(model.handle, x[None], method, params, targets=Targets.given([[target]]))
 
 
 @pytest.mark.parametrize("method", METHODS)

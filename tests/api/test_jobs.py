@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.app import create_app
-from service.runtime.jobs import LocalJobService
+from service.runtime.jobs.service import LocalJobService
 
 WAIT_S = 120.0
 SIZES = [(80, 50), (48, 72), (64, 64)]
@@ -299,7 +299,7 @@ def test_reduction_none_is_kept_only_when_asked_for(client: TestClient, images: 
 def test_a_failed_job_stores_a_problem_without_internals(
     client: TestClient, images: list[bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import service.runtime.runner as runner
+    import service.runtime.jobs.runner as runner
 
     def broken(*_a: object, **_k: object) -> None:
         raise RuntimeError("secret /opt/internal/path exploded")

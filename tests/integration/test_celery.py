@@ -33,8 +33,8 @@ from jobs_helpers import (
 
 from service.app import create_app
 from service.config import Settings
-from service.runtime.celery_app import make_store
-from service.runtime.jobs import CeleryJobService
+from service.runtime.jobs.celery_app import make_store
+from service.runtime.jobs.service import CeleryJobService
 
 pytestmark = pytest.mark.slow
 
@@ -153,7 +153,14 @@ def test_a_worker_runs_jobs_and_the_api_answers_from_redis(
     assert client.get(f"/v1/jobs/{uuid.uuid4().hex}").status_code == 404
     # the container health check of a worker: it answers a ping over the broker
     check = subprocess.run(
-        [sys.executable, "-m", "service.runtime.healthcheck", "worker", "--node", "w1@" + _hostname()],
+        [
+            sys.executable,
+            "-m",
+            "service.runtime.process.healthcheck",
+            "worker",
+            "--node",
+            "w1@" + _hostname(),
+        ],
         env=service_env(**settings),
         capture_output=True,
         text=True,
@@ -250,7 +257,14 @@ def test_restarting_the_api_loses_no_job(
                 assert r.status_code == 200 and r.json()["explanations"][0]["image_index"] == 0
             assert (
                 subprocess.run(
-                    [sys.executable, "-m", "service.runtime.healthcheck", "api", "--url", f"{base}/readyz"],
+                    [
+                        sys.executable,
+                        "-m",
+                        "service.runtime.process.healthcheck",
+                        "api",
+                        "--url",
+                        f"{base}/readyz",
+                    ],
                     env=env,
                     timeout=120,
                 ).returncode
@@ -263,7 +277,7 @@ def test_restarting_the_api_loses_no_job(
             [
                 sys.executable,
                 "-m",
-                "service.runtime.healthcheck",
+                "service.runtime.process.healthcheck",
                 "api",
                 "--url",
                 f"{base}/readyz",

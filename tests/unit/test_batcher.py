@@ -18,12 +18,12 @@ import pytest
 import torch
 from torch import nn
 
-from service.errors import DeadlineExceeded, Overloaded, TargetOutOfRange
-from service.explainers import ExplainParams, ModelHandle, explain, method_names
+from service.errors import DeadlineExceeded, InvalidParameter, Overloaded, TargetOutOfRange
+from service.explainers import ExplainParams, ModelHandle, Targets, explain, method_names
 from service.metrics import Metrics
-from service.runtime.batcher import BatchQueue, batch_key, target_rows
-from service.runtime.devices import PriorityGate
-from service.runtime.executor import Executor
+from service.runtime.sync.batcher import BatchQueue, batch_key
+from service.runtime.sync.devices import PriorityGate
+from service.runtime.sync.executor import Executor
 
 RTOL_OF_PEAK = 4e-6
 N = 4
@@ -110,7 +110,7 @@ def test_batched_results_equal_each_request_alone(
                 "x": inputs[i : i + 1],
                 "method": method,
                 "params": params,
-                "targets": [[i % 6, 5]],
+                "targets": Targets.given([[i % 6, 5]]),
             }
             for i in range(N)
         ]
@@ -119,7 +119,7 @@ def test_batched_results_equal_each_request_alone(
         executor.shutdown()
     assert batch_sizes(metrics) == (1.0, float(N)), "the requests did not share one engine call"
     for i, got in enumerate(results):
-        alone = explain(handle, inputs[i : i + 1], method, params, targets=[[i % 6, 5]])
+        alone = explain(handle, inputs[i : i + 1], method, params, targets=Targets.given([[i % 6, 5]]))
         assert not isinstance(got, BaseException), got
         peak = float(alone.maps.abs().max())
         assert peak > 0, f"{method}: degenerate map, the comparison would prove nothing"
@@ -142,7 +142,13 @@ def test_top_k_requests_batch_and_keep_their_own_top_classes(
     params = ExplainParams(seed=3)
     try:
         calls = [
-            {"handle": handle, "x": inputs[i : i + 1], "method": "gradcam", "params": params, "top_k": 2}
+            {
+                "handle": handle,
+                "x": inputs[i : i + 1],
+                "method": "gradcam",
+                "params": params,
+                "targets": Targets.top(2),
+            }
             for i in range(N)
         ]
         results = run_concurrently(executor, handle, calls)
@@ -150,7 +156,7 @@ def test_top_k_requests_batch_and_keep_their_own_top_classes(
         executor.shutdown()
     assert batch_sizes(metrics) == (1.0, float(N))
     for i, got in enumerate(results):
-        alone = explain(handle, inputs[i : i + 1], "gradcam", params, top_k=2)
+        alone = explain(handle, inputs[i : i + 1], "gradcam", params, targets=Targets.top(2))
         assert torch.equal(got.targets, alone.targets)  # type: ignore[union-attr]
         torch.testing.assert_close(
             got.maps, alone.maps, rtol=0, atol=RTOL_OF_PEAK * float(alone.maps.abs().max())
@@ -168,7 +174,7 @@ def test_one_bad_request_does_not_fail_the_batch(handle: ModelHandle, inputs: to
                 "x": inputs[i : i + 1],
                 "method": "saliency",
                 "params": params,
-                "targets": [[9 if i == 2 else 1]],
+                "targets": Targets.given([[9 if i == 2 else 1]]),
             }
             for i in range(N)
         ]
@@ -177,7 +183,7 @@ def test_one_bad_request_does_not_fail_the_batch(handle: ModelHandle, inputs: to
         executor.shutdown()
     assert isinstance(results[2], TargetOutOfRange)
     for i in (0, 1, 3):
-        alone = explain(handle, inputs[i : i + 1], "saliency", params, targets=[[1]])
+        alone = explain(handle, inputs[i : i + 1], "saliency", params, targets=Targets.given([[1]]))
         torch.testing.assert_close(
             results[i].maps, alone.maps, rtol=0, atol=RTOL_OF_PEAK * float(alone.maps.abs().max())
         )  # type: ignore[union-attr]
@@ -214,7 +220,8 @@ def test_batch_key(handle: ModelHandle, inputs: torch.Tensor) -> None:
         rows: torch.Tensor | None = None,
         h: ModelHandle = handle,
     ) -> object:
-        return batch_key(h, x, method, ExplainParams(seed=seed), rows, top_k)
+        targets = Targets.top(top_k) if rows is None else Targets.given(rows)
+        return batch_key(h, x, method, ExplainParams(seed=seed), targets)
 
     # gradient and CAM methods use no randomness: the seed does not keep requests apart
     assert key("gradcam", None) == key("gradcam", 5) is not None
@@ -228,15 +235,19 @@ def test_batch_key(handle: ModelHandle, inputs: torch.Tensor) -> None:
     assert key("gradcam", rows=torch.tensor([[1]])) != key("gradcam", rows=torch.tensor([[1, 2]]))
     assert key("gradcam", rows=torch.tensor([[1]])) != key("gradcam", top_k=1)
     assert key("gradcam", h=other) != key("gradcam")
-    assert batch_key(handle, x, "gradcam", ExplainParams(batch_size=8), None, 1) != key("gradcam")
-    assert batch_key(handle, torch.zeros(1, 3, 20, 20), "gradcam", ExplainParams(), None, 1) != key("gradcam")
+    assert batch_key(handle, x, "gradcam", ExplainParams(batch_size=8), Targets.top(1)) != key("gradcam")
+    assert batch_key(handle, torch.zeros(1, 3, 20, 20), "gradcam", ExplainParams(), Targets.top(1)) != key(
+        "gradcam"
+    )
 
 
 def test_target_rows() -> None:
-    assert torch.equal(target_rows([[1, 2], [3, 4]], 2), torch.tensor([[1, 2], [3, 4]]))  # type: ignore[arg-type]
-    assert torch.equal(target_rows([7], 1), torch.tensor([[7]]))  # type: ignore[arg-type]
-    assert target_rows([[1], [2]], 3) is None
-    assert target_rows([[1, 2], [3]], 2) is None
+    assert torch.equal(Targets.given([[1, 2], [3, 4]]).rows(2), torch.tensor([[1, 2], [3, 4]]))
+    assert torch.equal(Targets.given([7]).rows(1), torch.tensor([[7]]))
+    with pytest.raises(InvalidParameter):  # not one row per image
+        Targets.given([[1], [2]]).rows(3)
+    with pytest.raises(InvalidParameter):  # ragged
+        Targets.given([[1, 2], [3]])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -335,7 +346,7 @@ def test_queue_does_not_wait_for_an_item_that_already_waited() -> None:
 # ------------------------------------------------------------------------------------------------
 def block_device(executor: Executor, handle: ModelHandle) -> tuple[threading.Event, threading.Event]:
     """Occupy the device worker with a call that waits; returns (started, release)."""
-    from service.runtime.batcher import CallRequest
+    from service.runtime.sync.batcher import CallRequest
 
     started, release = threading.Event(), threading.Event()
 

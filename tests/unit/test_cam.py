@@ -25,8 +25,8 @@ import torchvision
 from torch import Tensor, nn
 
 from service.errors import MethodNotApplicable
-from service.explainers import ExplainParams, ModelHandle, explain
-from service.explainers.class_cam import CamHead, detect_head, supports_cam
+from service.explainers import ExplainParams, ModelHandle, Targets, explain, get_method
+from service.explainers.class_cam import CamHead, detect_head
 from service.explainers.hooks import hook_count
 
 X = [[2.0, 0.0, 1.0, -1.0], [0.0, 3.0, 0.0, 1.0], [-2.0, 1.0, 0.0, 2.0], [1.0, 0.0, -1.0, 0.0]]
@@ -72,7 +72,7 @@ def tiny_handle(**kw: tuple[float, float]) -> ModelHandle:
 
 
 def maps(handle: ModelHandle, method: str, x: Tensor, targets: list[int], **params: Any) -> Tensor:
-    return explain(handle, x, method, ExplainParams(**params), targets=[targets]).maps[0]
+    return explain(handle, x, method, ExplainParams(**params), targets=Targets.given([targets])).maps[0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -84,7 +84,7 @@ def test_tiny_model_logits_are_the_hand_values() -> None:
 
 
 def test_cam_by_hand() -> None:
-    out = explain(tiny_handle(), tiny_input(), "cam", targets=[[0, 1]])
+    out = explain(tiny_handle(), tiny_input(), "cam", targets=Targets.given([[0, 1]]))
     torch.testing.assert_close(out.maps[0, 0], CAM0)
     torch.testing.assert_close(out.maps[0, 1], CAM1)
     assert out.signed
@@ -179,13 +179,13 @@ def test_cam_equals_gradcam_times_hw_on_resnet18() -> None:
     handle = ModelHandle(model, name="resnet18")
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     targets = [[0, 1, 2], [2, 0, 1]]
-    cam = explain(handle, x, "cam", targets=targets).maps
-    grad = explain(handle, x, "gradcam", targets=targets).maps
+    cam = explain(handle, x, "cam", targets=Targets.given(targets)).maps
+    grad = explain(handle, x, "gradcam", targets=Targets.given(targets)).maps
     assert float(cam.abs().max()) > 0.01
     torch.testing.assert_close(cam, grad * 4, rtol=1e-5, atol=1e-6)
     # and HiResCAM / XGrad-CAM coincide with Grad-CAM on such a head (Draelos & Carin; Fu et al.)
     for method in ("hirescam", "xgradcam"):
-        other = explain(handle, x, method, targets=targets).maps
+        other = explain(handle, x, method, targets=Targets.given(targets)).maps
         torch.testing.assert_close(other, grad, rtol=1e-5, atol=1e-7)
 
 
@@ -201,7 +201,7 @@ def test_cam_mean_plus_bias_is_the_logit_on_densenet121(densenet: ModelHandle) -
     # pre-ReLU features it would not.
     model = densenet.module
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
-    out = explain(densenet, x, "cam", top_k=3)
+    out = explain(densenet, x, "cam", targets=Targets.top(3))
     assert out.params.layer == "features"
     bias = model.classifier.bias.detach()[out.targets[0]]
     torch.testing.assert_close(out.maps[0].mean(dim=(1, 2)) + bias, out.logits[0], rtol=1e-4, atol=1e-5)
@@ -242,7 +242,7 @@ def test_supports_cam(builder: object, supported: bool) -> None:
     torch.manual_seed(0)
     model = builder().eval()  # type: ignore[operator]
     handle = ModelHandle(model, optimize=False)  # head detection does not depend on the speed-ups
-    assert supports_cam(handle) is supported
+    assert get_method("cam").offered(handle) is supported
     assert hook_count(model) == 0 and hook_count(handle.prepared(keep=handle.resolve_layer(None))) == 0
 
 
@@ -292,7 +292,7 @@ def test_no_hooks_no_parameter_gradients_no_graph_below_the_layer(method: str) -
     prepared = handle.prepared(keep="act")
     assert isinstance(prepared, TinyCam)
     prepared.below_target_required_grad.clear()
-    explain(handle, x, method, targets=[[0, 1]])
+    explain(handle, x, method, targets=Targets.given([[0, 1]]))
     assert prepared.below_target_required_grad and not any(prepared.below_target_required_grad)
     assert hook_count(handle.module) == 0 and hook_count(prepared) == 0
     assert all(p.grad is None for p in [*handle.module.parameters(), *prepared.parameters()])
@@ -322,11 +322,15 @@ class SmallCnn(nn.Module):
 def test_scorecam_does_not_depend_on_batch_size_or_on_sharing_an_image() -> None:
     handle = ModelHandle(SmallCnn().eval(), target_layer="features")
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
-    both = explain(handle, x, "scorecam", ExplainParams(batch_size=64), targets=[[1, 4], [4, 2]]).maps
+    both = explain(
+        handle, x, "scorecam", ExplainParams(batch_size=64), targets=Targets.given([[1, 4], [4, 2]])
+    ).maps
     assert float(both.max()) > 0
     for batch_size in (1, 5):
         for k, targets in enumerate(([[1], [4]], [[4], [2]])):
-            alone = explain(handle, x, "scorecam", ExplainParams(batch_size=batch_size), targets=targets).maps
+            alone = explain(
+                handle, x, "scorecam", ExplainParams(batch_size=batch_size), targets=Targets.given(targets)
+            ).maps
             torch.testing.assert_close(alone[:, 0], both[:, k], rtol=1e-5, atol=1e-7)
 
 
@@ -334,7 +338,12 @@ def test_scorecam_progress_counts_the_real_passes() -> None:
     handle = tiny_handle()
     seen: list[float] = []
     explain(
-        handle, tiny_input(), "scorecam", ExplainParams(batch_size=1), targets=[[0, 1]], progress=seen.append
+        handle,
+        tiny_input(),
+        "scorecam",
+        ExplainParams(batch_size=1),
+        targets=Targets.given([[0, 1]]),
+        progress=seen.append,
     )
     # one activation pass for the (shared) image, then one per non-constant channel (2)
     assert seen == pytest.approx([1 / 3, 2 / 3, 1.0])
@@ -343,7 +352,7 @@ def test_scorecam_progress_counts_the_real_passes() -> None:
 def test_eigencam_is_class_agnostic_and_oriented() -> None:
     handle = ModelHandle(SmallCnn().eval(), target_layer="features")
     x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(6))
-    out = explain(handle, x, "eigencam", top_k=3)
+    out = explain(handle, x, "eigencam", targets=Targets.top(3))
     torch.testing.assert_close(out.maps[0, 1], out.maps[0, 0], rtol=0, atol=0)
     torch.testing.assert_close(out.maps[0, 2], out.maps[0, 0], rtol=0, atol=0)
     # orientation: the projection correlates positively with the total activation Σ_k A_k

@@ -42,7 +42,7 @@ from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, Layer
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import Tensor, nn
 
-from service.explainers import ExplainParams, ModelHandle, explain
+from service.explainers import ExplainParams, ModelHandle, Targets, explain
 
 
 # ------------------------------------------------------------------------------------------------
@@ -83,7 +83,9 @@ def images(size: int = 64, n: int = 2, seed: int = 0) -> Tensor:
 
 
 def ours(handle: ModelHandle, method: str, x: Tensor, layer: str, targets: list[int]) -> Tensor:
-    out = explain(handle, x, method, ExplainParams(layer=layer), targets=[[t] for t in targets])
+    out = explain(
+        handle, x, method, ExplainParams(layer=layer), targets=Targets.given([[t] for t in targets])
+    )
     return out.maps[:, 0]
 
 

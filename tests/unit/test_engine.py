@@ -36,6 +36,7 @@ from service.explainers import (
     ExplainParams,
     Explanation,
     ModelHandle,
+    Targets,
     all_methods,
     explain,
     get_method,
@@ -456,12 +457,12 @@ def test_a_failure_while_preparing_the_copy_changes_nothing() -> None:
 def test_top_k_explains_the_k_best_classes(method: str) -> None:
     handle, _ = flaky_handle()
     x = images(2, seed=5, size=16)
-    top = explain(handle, x, method, PARAMS, top_k=3)
+    top = explain(handle, x, method, PARAMS, targets=Targets.top(3))
     logits = predict(handle, x)
     assert torch.equal(top.targets, logits.topk(3, dim=1).indices)
     assert top.maps.shape == (2, 3, 16, 16)
     for j in range(3):
-        one = explain(handle, x, method, PARAMS, targets=top.targets[:, j].tolist())
+        one = explain(handle, x, method, PARAMS, targets=Targets.given(top.targets[:, j].tolist()))
         assert torch.equal(one.targets, top.targets[:, j : j + 1])
         assert relative_error(top.maps[:, j], one.maps[:, 0]) < 1e-4
         torch.testing.assert_close(top.logits[:, j], one.logits[:, 0])
@@ -471,7 +472,7 @@ def test_top_k_explains_the_k_best_classes(method: str) -> None:
 def test_explicit_targets(method: str) -> None:
     handle, _ = flaky_handle()
     x = images(2, seed=5, size=16)
-    out = explain(handle, x, method, PARAMS, targets=[[4, 0], [1, 1]])
+    out = explain(handle, x, method, PARAMS, targets=Targets.given([[4, 0], [1, 1]]))
     assert out.targets.tolist() == [[4, 0], [1, 1]]
     assert out.maps.shape == (2, 2, 16, 16)
     logits = predict(handle, x)
@@ -487,7 +488,7 @@ def test_target_out_of_range(method: str, bad: list[list[int]]) -> None:
     x = images(1, seed=5, size=16)
     before = Untouched(handle, x)
     with pytest.raises(TargetOutOfRange):
-        explain(handle, x, method, PARAMS, targets=bad)
+        explain(handle, x, method, PARAMS, targets=Targets.given(bad))
     assert_untouched(before)
 
 

@@ -21,7 +21,7 @@ from helpers import random_mnasnet, random_resnet18, with_reference
 from torch import Tensor, nn
 
 from service.errors import Cancelled, MethodNotApplicable
-from service.explainers import ExplainParams, ModelHandle, explain
+from service.explainers import ExplainParams, ModelHandle, Targets, explain
 from service.explainers.hooks import hook_count
 from service.explainers.rectifiers import backward_rule
 
@@ -107,7 +107,13 @@ def tiny_handle(model: nn.Module, channels: int = 2) -> ModelHandle:
 
 
 def run(handle: ModelHandle, x: Tensor, method: str, targets: object = None, **params: object):  # type: ignore[no-untyped-def]
-    return explain(handle, x, method, ExplainParams(seed=0, **params), targets=targets)  # type: ignore[arg-type]
+    return explain(
+        handle,
+        x,
+        method,
+        ExplainParams(seed=0, **params),
+        targets=None if targets is None else Targets.given(targets),
+    )  # type: ignore[arg-type]
 
 
 def attr_of(handle: ModelHandle, x: Tensor, method: str) -> list[float]:
@@ -274,7 +280,7 @@ TARGETS = [[3, 7], [1, 0]]  # two targets per image: pairs (img0, 3), (img0, 7),
 def test_agrees_with_captum(zoo: tuple[ModelHandle, nn.Module, Tensor], method: str) -> None:
     handle, reference, x = zoo
     before = x.clone()
-    e = explain(handle, x, method, ExplainParams(batch_size=3), targets=TARGETS)
+    e = explain(handle, x, method, ExplainParams(batch_size=3), targets=Targets.given(TARGETS))
     assert torch.equal(x, before)
     algo, kwargs = CAPTUM[method](reference)
     inputs = x.repeat_interleave(2, dim=0).requires_grad_(True)
@@ -295,7 +301,13 @@ def test_guided_gradcam_is_guided_backprop_times_bilinear_gradcam(
     torch.manual_seed(3)
     x = torch.randn(2, 3, 64, 64)
     targets = [[4], [9]]
-    e = explain(handle, x, "guided_gradcam", ExplainParams(layer="layer4", batch_size=1), targets=targets)
+    e = explain(
+        handle,
+        x,
+        "guided_gradcam",
+        ExplainParams(layer="layer4", batch_size=1),
+        targets=Targets.given(targets),
+    )
     algo = GuidedGradCam(reference, reference.layer4)
     bilinear = algo.attribute(
         x.clone().requires_grad_(True), target=[4, 9], interpolate_mode="bilinear"
@@ -333,7 +345,7 @@ def test_functional_relu_is_rectified_unlike_captum(method: str) -> None:
     as_modules.load_state_dict(densenet.state_dict())
     torch.manual_seed(5)
     x = torch.randn(2, 3, 32, 32)
-    e = explain(ModelHandle(module=densenet), x, method, ExplainParams(), targets=[[2], [5]])
+    e = explain(ModelHandle(module=densenet), x, method, ExplainParams(), targets=Targets.given([[2], [5]]))
     assert e.attributions is not None
     ours = e.attributions[:, 0]
     algo = {"guided_backprop": GuidedBackprop, "deconvnet": Deconvolution}[method]
@@ -376,12 +388,12 @@ def lite0() -> ModelHandle:
 def test_relu6_efficientnet_lite(lite0: ModelHandle, method: str) -> None:
     torch.manual_seed(7)
     x = torch.randn(2, 3, 64, 64)
-    e = explain(lite0, x, method, ExplainParams(), targets=[[1], [8]])
+    e = explain(lite0, x, method, ExplainParams(), targets=Targets.given([[1], [8]]))
     assert e.attributions is not None
     ours = e.attributions[:, 0]
     rule = "guided" if method == "guided_backprop" else "deconvnet"
     close(ours, hooked_rule(lite0.module, x, [1, 8], rule))
-    plain = explain(lite0, x, "saliency", ExplainParams(), targets=[[1], [8]])
+    plain = explain(lite0, x, "saliency", ExplainParams(), targets=Targets.given([[1], [8]]))
     assert plain.attributions is not None
     assert not torch.allclose(ours.abs(), plain.attributions[:, 0], atol=1e-3 * float(ours.abs().max()))
 
@@ -391,7 +403,7 @@ def test_results_do_not_depend_on_batch_size(resnet18: tuple[ModelHandle, nn.Mod
     torch.manual_seed(8)
     x = torch.randn(3, 3, 32, 32)
     for method in ("saliency", "guided_backprop"):
-        a = explain(handle, x, method, ExplainParams(batch_size=1), targets=[[0], [1], [2]])
-        b = explain(handle, x, method, ExplainParams(batch_size=3), targets=[[0], [1], [2]])
+        a = explain(handle, x, method, ExplainParams(batch_size=1), targets=Targets.given([[0], [1], [2]]))
+        b = explain(handle, x, method, ExplainParams(batch_size=3), targets=Targets.given([[0], [1], [2]]))
         assert a.attributions is not None and b.attributions is not None
         close(a.attributions, b.attributions, rel=1e-5)

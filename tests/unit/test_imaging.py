@@ -33,7 +33,7 @@ from service.imaging import (
     normalize,
     overlay_png,
     preprocess,
-    round_floats,
+    rounded,
     to_npy,
     to_original,
 )
@@ -482,10 +482,11 @@ def test_npy_and_json_floats() -> None:
     back = np.load(io.BytesIO(to_npy(arr)), allow_pickle=False)
     assert back.dtype == np.float32 and back.shape == (2, 3, 4)
     np.testing.assert_allclose(back, arr, rtol=1e-6)
-    rounded = round_floats(np.array([[np.float32(0.1234567), np.float32(1 / 3)]], dtype=np.float32))
-    assert rounded == [[0.12346, 0.33333]]
-    assert round_floats(np.array([np.nan, np.inf, 2.0]), digits=2) == [0.0, 0.0, 2.0]
-    assert isinstance(round_floats(np.float32(0.5)), float)
+    # JSON values: ~5 significant digits of the peak, in float64 (no float32 noise); NaN, ±inf → 0
+    values = rounded(np.array([[np.float32(0.1234567), np.float32(1 / 3)]], dtype=np.float32))
+    assert values.tolist() == [[0.12346, 0.33333]]
+    assert rounded(np.array([np.nan, np.inf, 2.0])).tolist() == [0.0, 0.0, 2.0]
+    assert isinstance(rounded(np.float32(0.5)).item(), float)
 
 
 def test_grid_columns() -> None:

@@ -22,9 +22,16 @@ from helpers import redis_server
 from service.errors import JobExpired, JobNotFinished, JobNotFound, Overloaded
 from service.explainers import ExplainParams, Explanation
 from service.imaging.geometry import make_geometry
-from service.runtime.jobstore import JobRecord, JobSpec, MemoryJobStore, error_class, new_job_id, tombstone_s
-from service.runtime.redis_store import RedisJobStore
-from service.runtime.results import JobResult, concat, decode, encode
+from service.runtime.jobs.redis_store import RedisJobStore
+from service.runtime.jobs.result import JobResult, concat, decode, encode
+from service.runtime.jobs.store import (
+    JobRecord,
+    JobSpec,
+    MemoryJobStore,
+    error_class,
+    new_job_id,
+    tombstone_s,
+)
 
 RETENTION_S = 60
 

@@ -10,7 +10,7 @@ import pytest
 PROBE = r"""
 import resource, sys
 import torch
-from service.runtime.memory import retain_freed_memory
+from service.runtime.process.heap import retain_freed_memory
 applied = retain_freed_memory() if sys.argv[1] == "retain" else None
 torch.manual_seed(0)
 conv = torch.nn.Conv2d(16, 16, 3, padding=1)

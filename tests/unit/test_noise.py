@@ -13,7 +13,7 @@ from captum.attr import Saliency as CaptumSaliency
 from helpers import SEEN, Recorder, random_mnasnet, random_resnet18
 from torch import Tensor, nn
 
-from service.explainers import ExplainParams, ModelHandle, explain
+from service.explainers import ExplainParams, ModelHandle, Targets, explain
 from service.explainers.hooks import hook_count
 from service.explainers.noise import draw_samples, noise_sigma, noisy_inputs, sample_seed
 
@@ -79,7 +79,11 @@ def test_smoothgrad_of_a_cube() -> None:
     # |∂(x³)/∂x| = 3x² at each noisy copy x_s = x + σ ε_s, averaged over the copies
     x = torch.tensor([[0.5, -1.0, 2.0, 1.5]]).view(1, 1, 2, 2)  # range 3 → σ = 0.2 · 3 = 0.6
     e = explain(
-        cube_handle(), x, "smoothgrad", ExplainParams(samples=5, noise_level=0.2, seed=3), targets=[[0]]
+        cube_handle(),
+        x,
+        "smoothgrad",
+        ExplainParams(samples=5, noise_level=0.2, seed=3),
+        targets=Targets.given([[0]]),
     )
     copies = noisy_inputs(x, 0.2, samples=5, seed=3)[:, 0]
     expected = (3 * copies**2).mean(dim=0)
@@ -93,7 +97,7 @@ def test_smooth_ig_of_a_cube_and_its_delta() -> None:
     # f(x_s) − f(0) = x_s³, so delta_s = −0.34375 · x_s³; smooth_ig reports the means of both.
     x = torch.tensor([[1.0, 2.0]]).view(1, 1, 1, 2)  # range 1 → σ = 0.5
     params = ExplainParams(samples=6, noise_level=0.5, seed=4, steps=4, rule="riemann_left", baseline="mean")
-    e = explain(cube_handle(), x, "smooth_ig", params, targets=[[0]])
+    e = explain(cube_handle(), x, "smooth_ig", params, targets=Targets.given([[0]]))
     cubes = noisy_inputs(x, 0.5, samples=6, seed=4)[:, 0] ** 3
     assert e.attributions is not None and e.completeness_delta is not None
     torch.testing.assert_close(e.attributions[0, 0], 0.65625 * cubes.mean(dim=0))
@@ -147,7 +151,7 @@ def test_smoothgrad_is_captum_saliency_averaged_over_our_noise(
     torch.manual_seed(5)
     x = torch.randn(2, 3, 40, 40)
     params = ExplainParams(samples=4, noise_level=0.2, seed=77, batch_size=3)
-    e = explain(handle, x, "smoothgrad", params, targets=TARGETS)
+    e = explain(handle, x, "smoothgrad", params, targets=Targets.given(TARGETS))
     # Captum on the prepared copy: the same arithmetic (see test_path for why that matters)
     reference = CaptumSaliency(handle.prepared())
     copies = noisy_inputs(x.repeat_interleave(2, dim=0), 0.2, samples=4, seed=77)
@@ -164,7 +168,7 @@ def test_smooth_ig_is_captum_ig_averaged_over_our_noise(mnasnet: ModelHandle) ->
     torch.manual_seed(6)
     x = torch.randn(2, 3, 32, 32)
     params = ExplainParams(samples=3, noise_level=0.1, seed=8, steps=4, baseline="black", batch_size=5)
-    e = explain(mnasnet, x, "smooth_ig", params, targets=TARGETS)
+    e = explain(mnasnet, x, "smooth_ig", params, targets=Targets.given(TARGETS))
     lo, _ = mnasnet.pixel_bounds(3)
     reference = CaptumIG(mnasnet.prepared())
     attrs, deltas = [], []
@@ -209,8 +213,10 @@ def test_an_image_alone_or_in_a_batch_gets_the_same_result(resnet18: ModelHandle
     torch.manual_seed(8)
     x = torch.randn(3, 3, 32, 32)
     params = ExplainParams(samples=3, steps=3, seed=21, baseline="uniform")
-    together = explain(resnet18, x, method, params.with_(batch_size=4), targets=[[1], [2], [3]])
-    alone = explain(resnet18, x[1:2], method, params.with_(batch_size=1), targets=[[2]])
+    together = explain(
+        resnet18, x, method, params.with_(batch_size=4), targets=Targets.given([[1], [2], [3]])
+    )
+    alone = explain(resnet18, x[1:2], method, params.with_(batch_size=1), targets=Targets.given([[2]]))
     assert together.attributions is not None and alone.attributions is not None
     close(alone.attributions[0], together.attributions[1], rel=1e-5)
     if method == "smooth_ig":
@@ -235,7 +241,7 @@ def test_chunks_bound_memory_and_progress_adds_up(method: str, per_copy: int, sa
     seen: list[float] = []
     SEEN.clear()
     params = ExplainParams(samples=samples, steps=5, batch_size=4)
-    explain(handle, x, method, params, targets=[[0, 3]] * 2, progress=seen.append)
+    explain(handle, x, method, params, targets=Targets.given([[0, 3]] * 2), progress=seen.append)
     assert SEEN.pop(0) == 2  # the engine's own logits pass
     assert max(SEEN) <= 4  # never more than batch_size rows at once, whatever samples × steps
     chunks = -(-4 * samples // 4)  # 4 pairs × samples copies, batch_size 4 at a time

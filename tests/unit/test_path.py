@@ -10,9 +10,9 @@ from helpers import SEEN, Recorder, random_mnasnet, random_resnet18, with_refere
 from torch import Tensor, nn
 
 from service.errors import InvalidParameter
-from service.explainers import ExplainParams, ModelHandle, explain
-from service.explainers.base import RULES
+from service.explainers import ExplainParams, ModelHandle, Targets, explain
 from service.explainers.hooks import hook_count
+from service.explainers.params import RULES
 from service.explainers.path import gaussian_blur, integration_rule, make_baseline
 
 # ------------------------------------------------------------------------------------------------
@@ -73,7 +73,11 @@ class Cube(nn.Module):
 
 def ig(handle: ModelHandle, x: Tensor, **params: object) -> tuple[Tensor, Tensor]:
     e = explain(
-        handle, x, "integrated_gradients", ExplainParams(seed=0, **params), targets=[[0]] * x.shape[0]
+        handle,
+        x,
+        "integrated_gradients",
+        ExplainParams(seed=0, **params),
+        targets=Targets.given([[0]] * x.shape[0]),
     )  # type: ignore[arg-type]
     assert e.attributions is not None and e.completeness_delta is not None
     return e.attributions[:, 0], e.completeness_delta[:, 0]
@@ -169,7 +173,7 @@ def test_pairs_and_chunks_are_kept_apart() -> None:
     handle = ModelHandle(module=Two(), mean=(0.0,), std=(1.0,), optimize=False)
     x = torch.tensor([2.0, 1.0, -1.0]).view(3, 1, 1, 1)
     params = ExplainParams(steps=4, baseline="mean", rule="riemann_left", batch_size=5)
-    e = explain(handle, x, "integrated_gradients", params, targets=[[0, 1]] * 3)
+    e = explain(handle, x, "integrated_gradients", params, targets=Targets.given([[0, 1]] * 3))
     assert e.attributions is not None
     # x³ with the left rule at 4 steps: 24/8 · 14/64 · x³ = 0.65625 x³; −x is linear: exact −x
     expected = [[0.65625 * v**3, -v] for v in (2.0, 1.0, -1.0)]
@@ -310,7 +314,7 @@ def _ours_and_captum(
     x = torch.randn(2, 3, 40, 40)
     before = x.clone()
     params = ExplainParams(steps=STEPS, rule=rule, baseline=baseline, batch_size=5, seed=123)  # type: ignore[arg-type]
-    e = explain(handle, x, "integrated_gradients", params, targets=TARGETS)
+    e = explain(handle, x, "integrated_gradients", params, targets=Targets.given(TARGETS))
     assert torch.equal(x, before)
     assert e.attributions is not None and e.completeness_delta is not None
     inputs = x.repeat_interleave(2, dim=0)
@@ -359,7 +363,7 @@ def test_passes_run_in_chunks_and_progress_adds_up(steps: int) -> None:
     SEEN.clear()
     explain(
         handle, x, "integrated_gradients", ExplainParams(steps=steps, batch_size=7),
-        targets=[[0, 4]] * 3, progress=seen.append,
+        targets=Targets.given([[0, 4]] * 3), progress=seen.append,
     )  # fmt: skip
     # no pass of the engine's own: IG's endpoint forward (6 clean pair rows + 1 row of the black
     # baseline they share) scores the targets, then 6 pairs × steps gradient passes
@@ -376,8 +380,14 @@ def test_results_do_not_depend_on_the_batch(resnet18: tuple[ModelHandle, nn.Modu
     for baseline in ("uniform", "blur"):
         params = ExplainParams(steps=4, baseline=baseline, seed=5)  # type: ignore[arg-type]
         together = explain(
-            handle, x, "integrated_gradients", params.with_(batch_size=5), targets=[[1], [2], [3]]
+            handle,
+            x,
+            "integrated_gradients",
+            params.with_(batch_size=5),
+            targets=Targets.given([[1], [2], [3]]),
         )
-        alone = explain(handle, x[1:2], "integrated_gradients", params.with_(batch_size=1), targets=[[2]])
+        alone = explain(
+            handle, x[1:2], "integrated_gradients", params.with_(batch_size=1), targets=Targets.given([[2]])
+        )
         assert together.attributions is not None and alone.attributions is not None
         close(alone.attributions[0], together.attributions[1], rel=1e-5)

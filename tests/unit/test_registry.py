@@ -17,12 +17,14 @@ from PIL import Image
 from torch import Tensor, nn
 
 from service.config import Settings
-from service.errors import ConfigError, ModelLoadError, TargetOutOfRange, UnknownModel
-from service.explainers import Attribution, Method, RunContext, predict
+from service.errors import ConfigError, MethodNotApplicable, ModelLoadError, TargetOutOfRange, UnknownModel
+from service.explainers import Attribution, ExplainParams, Method, ModelHandle, RunContext, predict
+from service.explainers.base import Need
+from service.explainers.layers import layer_before_head
 from service.imaging import decode_image
 from service.models import ModelRegistry, ModelSpec, load_config, loaders, registry, resolve_device
 from service.models.loaders import BUILTINS, Builtin, builtin_weights_file, map_in_order
-from service.models.registry import layer_before_head, warmup_plan
+from service.models.registry import warmup_plan
 
 
 def write_toml(folder: Path, body: str) -> Path:
@@ -365,8 +367,13 @@ class _FakeCam(Method):
     family = "cam"
     description = "test double"
     paper = "https://example.org"
-    needs_layer = True
+    needs: ClassVar[frozenset[Need]] = frozenset({"hooks", "layer"})
     uses: ClassVar[frozenset[str]] = frozenset({"layer"})
+    supported: ClassVar[bool] = True
+
+    def check(self, handle: ModelHandle, params: ExplainParams) -> None:
+        if not self.supported:
+            raise MethodNotApplicable("no GAP + linear head")
 
     def attribute(self, ctx: RunContext, x: Tensor, targets: Tensor) -> Attribution:
         raise NotImplementedError
@@ -378,12 +385,13 @@ def test_cam_is_offered_only_where_supported(
     from service.explainers import all_methods
 
     real = all_methods()
-    monkeypatch.setattr(registry, "all_methods", lambda: [*real, _FakeCam()])
+    others = [m for m in real if m.name != "cam"]
+    monkeypatch.setattr(registry, "all_methods", lambda: [*others, _FakeCam()])
     model = registry.LoadedModel(**{**small_registry.get("tiny-resnet").__dict__, "_methods": None})
-    monkeypatch.setattr(registry, "_supports_cam", lambda: lambda handle: False)
+    monkeypatch.setattr(_FakeCam, "supported", False)  # the method says it does not apply
     assert "cam" not in model.methods()
     model._methods = None
-    monkeypatch.setattr(registry, "_supports_cam", lambda: lambda handle: True)
+    monkeypatch.setattr(_FakeCam, "supported", True)
     assert "cam" in model.methods()
 
 

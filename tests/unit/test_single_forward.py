@@ -15,7 +15,7 @@ import torchvision
 from torch import nn
 
 from service.errors import TargetOutOfRange
-from service.explainers import ExplainParams, ModelHandle, all_methods, explain, get_method, predict
+from service.explainers import ExplainParams, ModelHandle, Targets, all_methods, explain, get_method, predict
 from service.explainers.path import make_baseline
 
 PICKING = sorted(m.name for m in all_methods() if m.picks_targets)
@@ -76,7 +76,7 @@ def test_single_pass_methods_run_the_model_once_per_chunk(handle: ModelHandle, m
         picked = explain(handle, x, method, params)
         lazy = list(calls)
         calls.clear()
-        explicit = explain(handle, x, method, params, targets=picked.targets.tolist())
+        explicit = explain(handle, x, method, params, targets=Targets.given(picked.targets.tolist()))
     assert lazy == chunks(N)  # the method's own chunks, nothing else
     assert calls == chunks(N)  # explicit targets are scored by the same pass
     assert torch.equal(picked.targets, predict(handle, x).argmax(dim=1, keepdim=True))
@@ -110,7 +110,7 @@ def test_ig_endpoints_score_the_targets_and_a_shared_baseline_runs_once(
 def test_top_k_keeps_the_separate_target_pass(handle: ModelHandle) -> None:
     x = images(5)
     with counting(handle, "gradcam") as calls:
-        out = explain(handle, x, "gradcam", ExplainParams(seed=1, batch_size=BATCH), top_k=2)
+        out = explain(handle, x, "gradcam", ExplainParams(seed=1, batch_size=BATCH), targets=Targets.top(2))
     assert calls == chunks(N) + chunks(2 * N)
     assert torch.equal(out.targets, predict(handle, x).topk(2, dim=1).indices)
 
@@ -127,16 +127,18 @@ def test_noise_methods_keep_the_separate_target_pass(handle: ModelHandle) -> Non
 def test_explicit_target_out_of_range_is_caught_by_the_scoring_pass(handle: ModelHandle, method: str) -> None:
     x = images(7, n=2)
     with pytest.raises(TargetOutOfRange, match="outside"):
-        explain(handle, x, method, ExplainParams(seed=1, steps=2), targets=[[1], [7]])
+        explain(handle, x, method, ExplainParams(seed=1, steps=2), targets=Targets.given([[1], [7]]))
 
 
 def test_several_explicit_targets_per_image(handle: ModelHandle) -> None:
     x = images(8, n=2)
     params = ExplainParams(seed=1, batch_size=BATCH)
-    both = explain(handle, x, "saliency", params, targets=[[1, 4], [6, 0]])
+    both = explain(handle, x, "saliency", params, targets=Targets.given([[1, 4], [6, 0]]))
     assert both.targets.tolist() == [[1, 4], [6, 0]]
     probs = predict(handle, x).softmax(dim=1)
     torch.testing.assert_close(both.scores, probs.gather(1, both.targets), rtol=1e-4, atol=1e-6)
     for j in range(2):
-        one = explain(handle, x, "saliency", params, targets=both.targets[:, j : j + 1].tolist())
+        one = explain(
+            handle, x, "saliency", params, targets=Targets.given(both.targets[:, j : j + 1].tolist())
+        )
         torch.testing.assert_close(both.maps[:, j], one.maps[:, 0], rtol=1e-5, atol=1e-9)

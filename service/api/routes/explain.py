@@ -14,15 +14,10 @@ from starlette.responses import Response
 from service.api import pipeline
 from service.api.deps import ModelDep, ServicesDep
 from service.api.openapi import compare_responses, explain_responses, image_request_body, predict_responses
-from service.api.params import (
-    CompareOptions,
-    ExplainOptions,
-    PredictOptions,
-    choose_format,
-    parse_request,
-)
+from service.api.options import CompareOptions, ExplainOptions, PredictOptions
+from service.api.pipeline import Prepared
+from service.api.request import choose_format, parse_request
 from service.api.responses import (
-    Prepared,
     backdrop,
     explain_body,
     json_response,
@@ -31,7 +26,8 @@ from service.api.responses import (
     target_headers,
 )
 from service.errors import InvalidParameter
-from service.explainers import Explanation
+from service.explainers import Explanation, Targets
+from service.imaging.options import RenderParams
 from service.imaging.render import compare_grid
 from service.models.registry import LoadedModel
 
@@ -53,9 +49,7 @@ async def predict(request: Request, model: ModelDep, services: ServicesDep) -> R
     clock = pipeline.Clock(settings.request_timeout_s)
     parsed = await parse_request(request, PredictOptions, settings)
     choose_format(None, parsed.accept, ("json",))
-    top_k = parsed.options.top_k
-    if top_k > model.num_classes:
-        raise InvalidParameter(f"top_k must be in [1, {model.num_classes}] (got {top_k})", field="top_k")
+    top_k = Targets.top(parsed.options.top_k).check(model.num_classes).top_k
     items = await pipeline.prepare_images(settings, model, parsed.images)
     probs = (await pipeline.predict(services, model, items, clock))[0]
     values, indices = probs.topk(top_k)
@@ -83,13 +77,14 @@ async def explain(request: Request, model: ModelDep, services: ServicesDep) -> R
     clock = pipeline.Clock(settings.request_timeout_s)
     parsed = await parse_request(request, ExplainOptions, settings)
     options = parsed.options
-    fmt = choose_format(options.format, parsed.accept, EXPLAIN_FORMATS)
-    if options.reduction == "none" and fmt in ("png", "overlay"):
+    render = options.render()
+    fmt = choose_format(render.format, parsed.accept, EXPLAIN_FORMATS)
+    if render.reduction == "none" and fmt in ("png", "overlay"):
         raise InvalidParameter("reduction=none needs format=json or npy", field="reduction")
     items = await pipeline.prepare_images(settings, model, parsed.images)
-    [expl] = await pipeline.explain(services, model, items, options, [options.method], clock)
+    targets, [expl] = await pipeline.explain(services, model, items, options, [options.method], clock)
     return await run_in_threadpool(
-        render_explanation, fmt, model, expl, items, options, elapsed_ms=clock.elapsed_ms
+        render_explanation, fmt, model, expl, items, targets, render, elapsed_ms=clock.elapsed_ms
     )
 
 
@@ -107,11 +102,14 @@ async def compare(request: Request, model: ModelDep, services: ServicesDep) -> R
     clock = pipeline.Clock(settings.request_timeout_s)
     parsed = await parse_request(request, CompareOptions, settings)
     options = parsed.options
-    fmt = choose_format(options.format, parsed.accept, COMPARE_FORMATS)
+    render = options.render()
+    fmt = choose_format(render.format, parsed.accept, COMPARE_FORMATS)
     methods = options.method_list(await pipeline.available_methods(model))
     items = await pipeline.prepare_images(settings, model, parsed.images)
-    results = await pipeline.explain(services, model, items, options, methods, clock)
-    return await run_in_threadpool(_render_compare, fmt, model, results, items, options, clock.elapsed_ms)
+    targets, results = await pipeline.explain(services, model, items, options, methods, clock)
+    return await run_in_threadpool(
+        _render_compare, fmt, model, results, items, targets, render, clock.elapsed_ms
+    )
 
 
 def _render_compare(
@@ -119,13 +117,15 @@ def _render_compare(
     model: LoadedModel,
     results: list[Explanation],
     items: list[Prepared],
-    options: CompareOptions,
+    targets: Targets,
+    render: RenderParams,
     elapsed_ms: float,
 ) -> Response:
     if fmt == "json":
         geometries = [it.geometry for it in items]
         bodies = [
-            explain_body(model, expl, geometries, options, fmt=fmt, elapsed_ms=elapsed_ms) for expl in results
+            explain_body(model, expl, geometries, targets, render, fmt=fmt, elapsed_ms=elapsed_ms)
+            for expl in results
         ]
         body = {
             "model": model.name,
@@ -135,6 +135,6 @@ def _render_compare(
         }
         return json_response(body, {"X-Elapsed-Ms": f"{elapsed_ms:.1f}"})
     item = items[0]
-    panels = [(expl.method, overlay_panel(expl, item, options)) for expl in results]
-    png = compare_grid(backdrop(item, options), panels)
+    panels = [(expl.method, overlay_panel(expl, item, render)) for expl in results]
+    png = compare_grid(backdrop(item, render), panels)
     return Response(png, media_type="image/png", headers=target_headers(model, results[0], 0, elapsed_ms))

@@ -24,40 +24,32 @@ from starlette.responses import JSONResponse, Response
 from service.api import pipeline
 from service.api.deps import ServicesDep
 from service.api.openapi import image_request_body
-from service.api.params import (
-    ExplainOptions,
-    Format,
-    choose_format,
-    engine_params,
-    parse_request,
-    resolve_targets,
-)
+from service.api.options import JobOptions, render_query
+from service.api.pipeline import Prepared
 from service.api.problems import STATUS, TYPE_PREFIX
-from service.api.responses import Prepared, render_explanation
+from service.api.request import choose_format, parse_request
+from service.api.responses import render_explanation
 from service.api.schemas import Problem
 from service.config import Settings
 from service.errors import InvalidParameter, NotReady, SaliencyError
+from service.explainers import Targets
 from service.imaging.decode import decode_upload
 from service.imaging.geometry import Geometry
+from service.imaging.options import Format, RenderParams
 from service.models.registry import LoadedModel
-from service.runtime.jobs import JobService, retry_after
-from service.runtime.jobstore import JobRecord, error_class
-from service.runtime.results import JobResult
+from service.runtime.jobs.result import JobResult
+from service.runtime.jobs.service import JobService, retry_after
+from service.runtime.jobs.store import JobRecord, error_class
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 RESULT_FORMATS = ("json", "png", "overlay", "npy")
+_NO_OVERRIDES: dict[str, Any] = {}
 
 
 # ------------------------------------------------------------------------------------------------
 # schemas
 # ------------------------------------------------------------------------------------------------
-class JobOptions(ExplainOptions):
-    """Parameters of ``POST /v1/jobs``: the model and the explain parameters."""
-
-    model: str = Field(description="the model's name (see GET /v1/models)")
-
-
 class JobError(BaseModel):
     """Why a job failed: a problem object (RFC 9457), never internals."""
 
@@ -218,22 +210,22 @@ async def submit_job(request: Request, services: ServicesDep, jobs: JobsDep) -> 
         request, JobOptions, settings, image_field="images", many=True, max_images=settings.job_max_images
     )
     options = parsed.options
+    render = options.render()
     model = services.require_registry().get(options.model)
     pipeline.check_methods(model, [options.method], await pipeline.available_methods(model))
-    if options.format is not None:
-        choose_format(options.format, None, RESULT_FORMATS)
-    params = engine_params(options, settings)
-    targets, top_k = resolve_targets(options, model.num_classes)
+    if render.format is not None:
+        choose_format(render.format, None, RESULT_FORMATS)
+    params = options.engine_params(settings)
+    targets = options.targets(len(parsed.images), model.num_classes)
     await run_in_threadpool(_check_images, settings, model, parsed.images)
     record = await jobs.submit(
         model,
         options.method,
         params,
-        targets=targets,
-        top_k=top_k,
+        targets,
         images=parsed.images,
-        keep_attributions=options.reduction == "none",
-        options=options.model_dump(mode="json", exclude={"model"}),
+        keep_attributions=render.reduction == "none",
+        options=render.as_dict(),
     )
     return _job_response(record, 202, {"Location": f"/v1/jobs/{record.id}"})
 
@@ -302,28 +294,15 @@ async def job_result(
     jobs: JobsDep,
     format: Annotated[Format | None, Query(description="json (default), png, overlay or npy")] = None,
     index: Annotated[int, Query(ge=0, description="the image shown by png, overlay and npy")] = 0,
-    resolution: Annotated[Literal["original", "model"] | None, Query()] = None,
-    colormap: Annotated[str | None, Query()] = None,
-    alpha: Annotated[float | None, Query(ge=0.0, le=1.0)] = None,
-    reduction: Annotated[Literal["default", "none"] | None, Query()] = None,
-    normalize: Annotated[Literal["minmax", "none"] | None, Query()] = None,
+    overrides: Annotated[
+        dict[str, Any], Depends(render_query(exclude=frozenset({"format"})))
+    ] = _NO_OVERRIDES,
 ) -> Response:
     record, result = await jobs.result(job_id)
-    overrides = {
-        k: v
-        for k, v in {
-            "resolution": resolution,
-            "colormap": colormap,
-            "alpha": alpha,
-            "reduction": reduction,
-            "normalize": normalize,
-        }.items()
-        if v is not None
-    }
-    options = JobOptions.model_validate({**record.spec.options, "model": record.spec.model, **overrides})
-    fmt = choose_format(format or options.format, request.headers.get("accept"), RESULT_FORMATS)
+    render = RenderParams.from_values({**record.spec.options, **overrides})
+    fmt = choose_format(format or render.format, request.headers.get("accept"), RESULT_FORMATS)
     if (
-        options.reduction == "none"
+        render.reduction == "none"
         and result.explanation.attributions is None
         and not record.spec.keep_attributions
     ):
@@ -337,7 +316,10 @@ async def job_result(
         if not 0 <= index < record.spec.images:
             raise InvalidParameter(f"index must be in [0, {record.spec.images})", field="index")
         image = await jobs.image(job_id, index)
-    return await run_in_threadpool(_render, services.settings, fmt, model, result, options, index, image)
+    targets = record.spec.target_set()
+    return await run_in_threadpool(
+        _render, services.settings, fmt, model, result, targets, render, index, image
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -366,7 +348,8 @@ def _render(
     fmt: str,
     model: LoadedModel,
     result: JobResult,
-    options: JobOptions,
+    targets: Targets,
+    render: RenderParams,
     index: int,
     image_bytes: bytes | None,
 ) -> Response:
@@ -384,7 +367,8 @@ def _render(
         model,
         result.explanation,
         items,
-        options,
+        targets,
+        render,
         elapsed_ms=result.elapsed_ms,
         index=index,
         image_indices=True,

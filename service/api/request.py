@@ -3,9 +3,9 @@
 An image request arrives as ``multipart/form-data`` (the file in ``image``, or ``images``
 repeated) or as ``application/json`` (base64 in ``"image"`` / ``"images"``). Both carry the same
 parameters, as form fields or JSON keys; query-string parameters are read too, the body winning.
-Parameters are validated by one pydantic model per route (below), so a bad value gets a 422 whose
-``errors`` name each field; an unknown parameter name is an error too (a typo is never silently
-ignored).
+Parameters are validated by the route's pydantic model (``service.api.options``), so a bad value
+gets a 422 whose ``errors`` name each field; an unknown parameter name is an error too (a typo is
+never silently ignored).
 
 The output format is negotiated here as well: ``format`` wins, then ``Accept``, then PNG.
 """
@@ -18,189 +18,17 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, TypeVar
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
+from service.api.options import RequestOptions
 from service.api.problems import validation_errors
 from service.config import Settings
 from service.errors import InvalidParameter, NotAcceptable, PayloadTooLarge, UnsupportedImage
-from service.explainers import ExplainParams, get_method, method_names
-from service.explainers.base import BASELINES, MAX_SAMPLES, MAX_STEPS, RULES, Baseline, Rule
-from service.imaging.render import COLORMAPS
-
-_DEFAULTS = ExplainParams()
-
-Format = Literal["png", "overlay", "json", "npy"]
-MEDIA_TYPES: dict[str, str] = {
-    "png": "image/png",
-    "overlay": "image/png",
-    "json": "application/json",
-    "npy": "application/x-npy",
-}
-SIGNED_COLORMAP = "diverging"
-DEFAULT_COLORMAP = "jet"
-
-
-# ------------------------------------------------------------------------------------------------
-# parameter models (their JSON Schemas also document the request bodies in the OpenAPI file)
-# ------------------------------------------------------------------------------------------------
-class RequestOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class PredictOptions(RequestOptions):
-    """Parameters of ``POST /v1/models/{model}/predict``."""
-
-    top_k: int = Field(5, ge=1, description="how many of the best classes to return")
-
-
-class RenderOptions(RequestOptions):
-    """How maps are rendered: shared by explain, compare and job results."""
-
-    resolution: Literal["original", "model"] = Field(
-        "original",
-        description="original: the map is aligned with the uploaded image (after EXIF orientation); "
-        "model: the model's input size",
-    )
-    colormap: str | None = Field(
-        None,
-        description=f"default {DEFAULT_COLORMAP}; {SIGNED_COLORMAP} for signed attributions",
-        json_schema_extra={"enum": list(COLORMAPS)},
-    )
-    alpha: float = Field(0.5, ge=0.0, le=1.0, description="overlay opacity")
-    reduction: Literal["default", "none"] = Field(
-        "default",
-        description="json/npy: none keeps the [3, H, W] per-channel attribution of gradient and path "
-        "methods; default reduces it to the method's [H, W] map",
-    )
-    normalize: Literal["minmax", "none"] = Field(
-        "minmax", description="json: minmax scales the heatmap to [0, 1] ([-1, 1] if signed); none: raw"
-    )
-    format: Format | None = Field(
-        None,
-        description="png (heatmap), overlay (heatmap over the image), json, npy; unset: from Accept, "
-        "else png",
-    )
-
-    @field_validator("colormap")
-    @classmethod
-    def _known_colormap(cls, value: str | None) -> str | None:
-        if value is not None and value not in COLORMAPS:
-            raise ValueError(f"unknown colormap {value!r}; choose one of {', '.join(COLORMAPS)}")
-        return value
-
-
-class TargetOptions(RenderOptions):
-    """Which classes to explain, and the engine's knobs."""
-
-    target: int | None = Field(None, ge=0, description="class index; unset: the top-1 predicted class")
-    top_k: int = Field(1, ge=1, description="explain the k best classes instead of one target")
-    layer: str | None = Field(None, description="dotted module name (CAM methods); unset: the model's")
-    steps: int = Field(_DEFAULTS.steps, ge=1, le=MAX_STEPS, description="integration steps (path methods)")
-    samples: int = Field(_DEFAULTS.samples, ge=1, le=MAX_SAMPLES, description="noisy samples (noise methods)")
-    noise_level: float = Field(
-        _DEFAULTS.noise_level, ge=0.0, le=1.0, description="σ as a fraction of the input's value range"
-    )
-    baseline: Baseline = Field(_DEFAULTS.baseline, description=f"path baseline: {', '.join(BASELINES)}")
-    rule: Rule = Field(_DEFAULTS.rule, description=f"integration rule: {', '.join(RULES)}")
-    seed: int | None = Field(
-        None, ge=0, lt=2**63, description="noise seed; same seed, same result (unset: drawn)"
-    )
-    batch_size: int | None = Field(
-        None, ge=1, le=1024, description="passes run at once: a memory knob, not a result knob"
-    )
-
-
-class ExplainOptions(TargetOptions):
-    """Parameters of ``POST /v1/models/{model}/explain`` (and of jobs)."""
-
-    method: str = Field(
-        "gradcam", description="attribution method", json_schema_extra=lambda s: _enum(s, method_names())
-    )
-
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, value: str) -> str:
-        return get_method(value).name  # UnknownMethod (422) lists the known names
-
-
-DEFAULT_COMPARE = (
-    "gradcam",
-    "gradcam_pp",
-    "layercam",
-    "eigencam",
-    "saliency",
-    "guided_backprop",
-    "integrated_gradients",
-)
-
-
-class CompareOptions(TargetOptions):
-    """Parameters of ``POST /v1/models/{model}/compare``."""
-
-    methods: str | None = Field(
-        None,
-        description="comma-separated method names; unset: "
-        + ", ".join(DEFAULT_COMPARE)
-        + " (those available on the model)",
-    )
-
-    @field_validator("methods")
-    @classmethod
-    def _known_methods(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        names = [n.strip() for n in value.split(",") if n.strip()]
-        if not names:
-            raise ValueError("give at least one method name")
-        return ",".join(dict.fromkeys(get_method(n).name for n in names))
-
-    def method_list(self, available: Sequence[str]) -> list[str]:
-        """The requested methods, or the default set restricted to what the model supports."""
-        if self.methods is not None:
-            return self.methods.split(",")
-        return [m for m in DEFAULT_COMPARE if m in available] or list(available)[:1]
-
-
-def _enum(schema: dict[str, Any], values: Sequence[str]) -> None:
-    schema["enum"] = list(values)
-
-
-def engine_params(options: TargetOptions, settings: Settings) -> ExplainParams:
-    """The engine's parameters for these options (validated; ``InvalidParameter`` on a bad one)."""
-    return ExplainParams(
-        layer=options.layer,
-        steps=options.steps,
-        samples=options.samples,
-        noise_level=options.noise_level,
-        baseline=options.baseline,
-        rule=options.rule,
-        seed=options.seed,
-        batch_size=options.batch_size or settings.default_batch_size,
-        autocast=settings.precision == "bf16",
-    ).validate()
-
-
-def resolve_targets(options: TargetOptions, num_classes: int) -> tuple[list[int] | None, int]:
-    """(explicit target list or None, top_k) after checking them against the model's classes."""
-    if options.target is not None:
-        if "top_k" in options.model_fields_set and options.top_k != 1:
-            raise InvalidParameter("give either target or top_k, not both", field="top_k")
-        return [options.target], 1
-    if options.top_k > num_classes:
-        raise InvalidParameter(f"top_k must be in [1, {num_classes}] (got {options.top_k})", field="top_k")
-    return None, options.top_k
-
-
-def colormap_for(options: RenderOptions, signed: bool) -> str:
-    """The client's colormap, else the diverging one for signed maps, else the default."""
-    if options.colormap is not None:
-        return options.colormap
-    return SIGNED_COLORMAP if signed else DEFAULT_COLORMAP
-
+from service.imaging.options import MEDIA_TYPES
 
 # ------------------------------------------------------------------------------------------------
 # the request body

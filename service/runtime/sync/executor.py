@@ -1,9 +1,9 @@
 """Runs synchronous model work off the event loop: a worker per device, batching, limits, deadlines.
 
 The HTTP layer awaits ``Executor.explain`` / ``Executor.predict``; the work runs on the device's
-worker thread (``service.runtime.devices``), so the event loop (and ``/healthz``) keeps answering.
+worker thread (``service.runtime.sync.devices``), so the event loop (and ``/healthz``) keeps answering.
 With batching on, concurrent compatible explain requests share one engine call
-(``service.runtime.batcher``). Limits: at most ``queue_size`` requests waiting or running per
+(``service.runtime.sync.batcher``). Limits: at most ``queue_size`` requests waiting or running per
 model (503 beyond), and a deadline per request (504 past it; a queued request never starts, a
 running one stops at its next chunk). The cost limit of synchronous requests (422 pointing to
 ``/v1/jobs``) is checked by the API before it calls here.
@@ -20,11 +20,10 @@ from torch import Tensor
 
 from service.config import Settings
 from service.errors import DeadlineExceeded, Overloaded
-from service.explainers import ExplainParams, Explanation, ModelHandle, predict
-from service.explainers.engine import TargetSpec
+from service.explainers import ExplainParams, Explanation, ModelHandle, Targets, predict
 from service.metrics import Metrics
-from service.runtime.batcher import CallRequest, make_request
-from service.runtime.devices import DeviceWorker, PriorityGate, Request
+from service.runtime.sync.batcher import CallRequest, make_request
+from service.runtime.sync.devices import DeviceWorker, PriorityGate, Request
 
 
 class Executor:
@@ -86,14 +85,12 @@ class Executor:
         method: str,
         params: ExplainParams,
         *,
-        targets: TargetSpec = None,
-        top_k: int = 1,
+        targets: Targets | None = None,
         timeout: float | None = None,
     ) -> Explanation:
-        """Explain ``x`` on the handle's device; may share an engine call with concurrent requests."""
-        request = make_request(
-            handle, x, method, params, targets=targets, top_k=top_k, batching=self.batching
-        )
+        """Explain ``x`` for ``targets`` (default: top-1) on the handle's device; may share an
+        engine call with concurrent requests."""
+        request = make_request(handle, x, method, params, targets or Targets.top(1), batching=self.batching)
         result: Explanation = await self._submit(handle, request, timeout)
         return result
 

@@ -34,9 +34,9 @@ import torch
 from celery import Celery
 
 from service.config import Settings
-from service.runtime.jobstore import JobStore
-from service.runtime.redis_store import RedisJobStore
-from service.runtime.runner import JobRunner
+from service.runtime.jobs.redis_store import RedisJobStore
+from service.runtime.jobs.runner import JobRunner
+from service.runtime.jobs.store import JobStore
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ from service.config import Settings
 from service.explainers import ModelHandle
 from service.metrics import Metrics
 from service.models.registry import LoadedModel, ModelRegistry
-from service.runtime.devices import PriorityGate
-from service.runtime.executor import Executor
-from service.runtime.jobstore import JobStore
-from service.runtime.runner import JobRunner
+from service.runtime.jobs.runner import JobRunner
+from service.runtime.jobs.store import JobStore
+from service.runtime.sync.devices import PriorityGate
+from service.runtime.sync.executor import Executor
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ out) learns so at its next chunk instead of overwriting the new state:
   longer, so an expired job answers 410 and an id that never existed 404.
 
 The store also holds each job's input images (raw upload bytes, in upload order) and, on
-success, its encoded result (``service.runtime.results``).
+success, its encoded result (``service.runtime.jobs.result``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, Protocol
 
 from service.errors import JobExpired, JobNotFinished, JobNotFound, Overloaded, SaliencyError
-from service.explainers import ExplainParams
+from service.explainers import ExplainParams, Targets
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 ACTIVE: frozenset[str] = frozenset({"queued", "running"})
@@ -64,15 +64,21 @@ class JobSpec:
 
     model: str
     method: str
-    params: dict[str, Any]  # ExplainParams fields, seed resolved at submission
+    params: dict[str, Any]  # ExplainParams.as_dict(), seed and layer resolved at submission
     targets: list[int] | None  # explicit targets for every image, or None for top_k
     top_k: int
     images: int
     keep_attributions: bool = False  # store the per-channel attributions too (reduction=none)
-    options: dict[str, Any] = field(default_factory=dict)  # the API's rendering options, opaque here
+    options: dict[str, Any] = field(default_factory=dict)  # the rendering parameters given at submission
 
     def explain_params(self) -> ExplainParams:
-        return ExplainParams(**self.params).validate()
+        return ExplainParams(**self.params)
+
+    def target_set(self) -> Targets:
+        """The job's ``Targets`` over all of its images."""
+        if self.targets is None:
+            return Targets.top(self.top_k)
+        return Targets.given([self.targets] * self.images)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))

@@ -5,7 +5,7 @@ Keys (``ns`` is ``settings.redis_namespace``):
 - ``ns:job:{id}`` — a hash: ``status``, ``progress``, ``created_at``, ``started_at``,
   ``finished_at``, ``error`` (JSON), ``spec`` (JSON), ``attempts``, ``worker``, ``lease``;
 - ``ns:job:{id}:inputs`` — a list of the uploaded images' bytes, in upload order;
-- ``ns:job:{id}:result`` — the encoded result (``service.runtime.results``);
+- ``ns:job:{id}:result`` — the encoded result (``service.runtime.jobs.result``);
 - ``ns:job:{id}:gone`` — the tombstone that turns an expired job into 410 instead of 404;
 - ``ns:jobs:queued`` / ``ns:jobs:running`` — sorted sets of active ids (score: queued at / last
   heartbeat), for the queue bound and for finding jobs whose worker died.
@@ -25,7 +25,7 @@ from typing import Any, cast
 import redis
 
 from service.errors import JobExpired, JobNotFinished, JobNotFound, Overloaded
-from service.runtime.jobstore import (
+from service.runtime.jobs.store import (
     ACTIVE,
     FINISHED,
     JobRecord,

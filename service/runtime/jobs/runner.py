@@ -25,9 +25,9 @@ from service.imaging.decode import decode_upload
 from service.imaging.geometry import Geometry
 from service.metrics import Metrics
 from service.models.registry import LoadedModel
-from service.runtime.devices import PriorityGate
-from service.runtime.jobstore import JobRecord, JobSpec, JobStatus, JobStore, error_info
-from service.runtime.results import JobResult, concat, encode
+from service.runtime.jobs.result import JobResult, concat, encode
+from service.runtime.jobs.store import JobRecord, JobSpec, JobStatus, JobStore, error_info
+from service.runtime.sync.devices import PriorityGate
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def out_of_memory_error(params: ExplainParams) -> dict[str, str]:
 
 def group_size(spec: JobSpec, params: ExplainParams) -> int:
     """Images per engine call: enough to fill ``batch_size`` passes, at least one."""
-    per_image = get_method(spec.method).passes(params) * (len(spec.targets) if spec.targets else spec.top_k)
+    per_image = get_method(spec.method).passes(params) * spec.target_set().per_image
     return max(1, min(MAX_GROUP_IMAGES, params.batch_size // max(1, per_image)))
 
 
@@ -153,6 +153,7 @@ class JobRunner:
     ) -> Explanation:
         n = int(x.shape[0])
         group = group_size(spec, params)
+        targets = spec.target_set()
         gate = self.gate(handle)
         done = 0
 
@@ -171,15 +172,13 @@ class JobRunner:
             if cancelled():
                 raise Cancelled("the job was cancelled")
             stop = min(n, start + group)
-            targets = None if spec.targets is None else [spec.targets] * (stop - start)
             parts.append(
                 explain(
                     handle,
                     x[start:stop],
                     spec.method,
                     params,
-                    targets=targets,
-                    top_k=spec.top_k,
+                    targets=targets.select(slice(start, stop)),
                     progress=progress,
                     cancel=cancelled,
                 )

@@ -1,4 +1,4 @@
-"""Container health checks: ``python -m service.runtime.healthcheck api|worker``.
+"""Container health checks: ``python -m service.runtime.process.healthcheck api|worker``.
 
 - ``api``: ``GET /readyz`` on the local server answers 200 (models loaded and warmed up).
 - ``worker``: this host's Celery worker (``saliency@<hostname>``) answers a ping over the broker.
@@ -29,7 +29,7 @@ def check_api(url: str, timeout: float) -> tuple[bool, str]:
 
 
 def check_worker(settings: Settings, node: str, timeout: float) -> tuple[bool, str]:
-    from service.runtime.celery_app import make_celery
+    from service.runtime.jobs.celery_app import make_celery
 
     app = make_celery(settings)
     try:
@@ -44,7 +44,7 @@ def check_worker(settings: Settings, node: str, timeout: float) -> tuple[bool, s
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m service.runtime.healthcheck", description=__doc__.splitlines()[0]
+        prog="python -m service.runtime.process.healthcheck", description=__doc__.splitlines()[0]
     )
     sub = parser.add_subparsers(dest="what", required=True)
     api = sub.add_parser("api", help="GET /readyz answers 200")

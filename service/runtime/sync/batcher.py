@@ -8,7 +8,7 @@ and up to a maximum number of images, run as one engine call, and split back per
 Which requests may share a call (``batch_key``):
 
 - the same model replica, method, ``ExplainParams``, input shape, and the same kind of target
-  (``top_k`` with the same k, or explicit targets with the same count per image);
+  (``Targets.kind``: top-k with the same k, or explicit targets with the same count per image);
 - the seed: a method that declares ``seed`` among the parameters it uses draws random numbers
   from it (noise, random baselines). Every image of one engine call draws the same sequence from
   the call's seed, so requests with the *same explicit seed* get exactly what they would get alone.
@@ -34,8 +34,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import torch
 from torch import Tensor
 
-from service.explainers import ExplainParams, Explanation, ModelHandle, get_method
-from service.explainers.engine import TargetSpec
+from service.explainers import ExplainParams, Explanation, ModelHandle, Targets, get_method
 
 
 class Queued(Protocol):
@@ -160,9 +159,7 @@ class ExplainRequest:
     x: Tensor
     method: str
     params: ExplainParams
-    targets: Tensor | None  # (n, K) int64 explicit targets, or None for top_k
-    raw_targets: TargetSpec
-    top_k: int
+    targets: Targets
     key: Hashable | None
     enqueued: float = field(default_factory=time.monotonic)
     future: Future[Explanation] = field(default_factory=Future)
@@ -185,39 +182,16 @@ class CallRequest:
     size: int = 1
 
 
-def target_rows(targets: TargetSpec, n: int) -> Tensor | None:
-    """Explicit targets as an (n, K) int64 tensor, or ``None`` when they are not that shape."""
-    try:
-        t = torch.as_tensor(targets, dtype=torch.int64)
-    except (TypeError, ValueError, RuntimeError):
-        return None
-    if t.dim() == 1:
-        t = t.view(-1, 1)
-    if t.dim() != 2 or t.shape[0] != n or t.shape[1] < 1:
-        return None
-    return t
-
-
 def make_request(
-    handle: ModelHandle,
-    x: Tensor,
-    method: str,
-    params: ExplainParams,
-    *,
-    targets: TargetSpec,
-    top_k: int,
-    batching: bool,
+    handle: ModelHandle, x: Tensor, method: str, params: ExplainParams, targets: Targets, *, batching: bool
 ) -> ExplainRequest:
     """The queued form of one explain call, with its batch key (``None``: runs alone)."""
-    rows = None if targets is None else target_rows(targets, int(x.shape[0]))
-    key: Hashable | None = None
-    if batching and x.dim() == 4 and (targets is None or rows is not None):
-        key = batch_key(handle, x, method, params, rows, top_k)
-    return ExplainRequest(handle, x, method, params, rows, targets, top_k, key)
+    key = batch_key(handle, x, method, params, targets) if batching and x.dim() == 4 else None
+    return ExplainRequest(handle, x, method, params, targets, key)
 
 
 def batch_key(
-    handle: ModelHandle, x: Tensor, method: str, params: ExplainParams, rows: Tensor | None, top_k: int
+    handle: ModelHandle, x: Tensor, method: str, params: ExplainParams, targets: Targets
 ) -> Hashable | None:
     """What must be equal for two requests to share one engine call (see the module docstring)."""
     m = get_method(method)
@@ -226,16 +200,12 @@ def batch_key(
             return None  # its own random seed: independent noise, so it runs alone
     else:
         params = params.with_(seed=None)  # not used by the method: no reason to keep requests apart
-    target_kind = ("top", top_k) if rows is None else ("explicit", int(rows.shape[1]))
-    return (id(handle), m.name, params, target_kind, tuple(x.shape[1:]), x.dtype, x.device)
+    return (id(handle), m.name, params, targets.kind, tuple(x.shape[1:]), x.dtype, x.device)
 
 
-def combine(requests: list[ExplainRequest]) -> tuple[Tensor, Tensor | None]:
-    """The batch's input and its explicit targets (``None`` when the requests use ``top_k``)."""
-    x = torch.cat([r.x for r in requests])
-    if requests[0].targets is None:
-        return x, None
-    return x, torch.cat([r.targets for r in requests if r.targets is not None])
+def combine(requests: list[ExplainRequest]) -> tuple[Tensor, Targets]:
+    """The batch's input and its targets."""
+    return torch.cat([r.x for r in requests]), Targets.concat(r.targets for r in requests)
 
 
 def split(explanation: Explanation, requests: list[ExplainRequest]) -> list[Explanation]:

@@ -4,7 +4,7 @@ A ``DeviceWorker`` owns the device's queue of synchronous requests (explain and 
 takes batches from a ``BatchQueue``, runs each batch as one engine call on its own thread and
 completes the callers' futures. The event loop only ever waits on those futures.
 
-Jobs run on a separate, lower-priority lane (``service.runtime.pool``) with their own model
+Jobs run on a separate, lower-priority lane (``service.runtime.jobs.local_pool``) with their own model
 replica, so a long job never holds the lock of the replica that synchronous requests use. The
 ``PriorityGate`` gives the synchronous lane precedence: a job calls ``yield_to_foreground``
 between chunks and pauses while synchronous requests are waiting or running on its device.
@@ -21,7 +21,7 @@ from typing import Any
 from service.errors import Cancelled
 from service.explainers import explain
 from service.metrics import Metrics
-from service.runtime.batcher import BatchQueue, CallRequest, ExplainRequest, combine, split
+from service.runtime.sync.batcher import BatchQueue, CallRequest, ExplainRequest, combine, split
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,6 @@ class DeviceWorker:
                 head.method,
                 head.params,
                 targets=targets,
-                top_k=head.top_k,
                 cancel=lambda: all(r.stop.is_set() for r in requests),
             )
         except Cancelled as exc:
@@ -159,9 +158,7 @@ class DeviceWorker:
 
 def _explain_alone(r: ExplainRequest) -> None:
     def run(is_cancelled: Any) -> Any:
-        return explain(
-            r.handle, r.x, r.method, r.params, targets=r.raw_targets, top_k=r.top_k, cancel=is_cancelled
-        )
+        return explain(r.handle, r.x, r.method, r.params, targets=r.targets, cancel=is_cancelled)
 
     _call(r.future, run, r.stop.is_set)
 

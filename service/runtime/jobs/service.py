@@ -3,10 +3,10 @@
 Two backends behind one interface (``settings.jobs_backend``):
 
 - ``local`` (default): jobs run in this process on the local worker pool
-  (``service.runtime.pool``: one lane per device, FIFO, yielding to synchronous requests);
+  (``service.runtime.jobs.local_pool``: one lane per device, FIFO, yielding to synchronous requests);
   records live in memory (``MemoryJobStore``) and end with the process.
 - ``celery``: the API enqueues a Celery task on Redis and any ``saliency worker`` runs it
-  (``service.runtime.celery_app``); records, inputs and results live in Redis
+  (``service.runtime.jobs.celery_app``); records, inputs and results live in Redis
   (``RedisJobStore``), so every API replica answers for every job and restarts lose nothing.
   A maintenance loop re-queues running jobs whose worker stopped sending heartbeats (or fails
   them after ``job_max_attempts`` deliveries).
@@ -19,20 +19,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from service.config import Settings
 from service.errors import InvalidParameter, JobNotFinished, Overloaded
-from service.explainers import ExplainParams, get_method
+from service.explainers import ExplainParams, Targets, get_method
+from service.explainers.engine import resolve_params
 from service.metrics import Metrics
 from service.models.registry import LoadedModel, ModelRegistry
-from service.runtime.executor import Executor
-from service.runtime.jobstore import JobRecord, JobSpec, JobStore, MemoryJobStore, check_job_id, new_job_id
-from service.runtime.pool import LocalPool
-from service.runtime.results import JobResult, decode
+from service.runtime.jobs.local_pool import LocalPool
+from service.runtime.jobs.result import JobResult, decode
+from service.runtime.jobs.store import JobRecord, JobSpec, JobStore, MemoryJobStore, check_job_id, new_job_id
+from service.runtime.sync.executor import Executor
 
 log = logging.getLogger(__name__)
 
@@ -46,38 +46,32 @@ def make_spec(
     model: LoadedModel,
     method: str,
     params: ExplainParams,
+    targets: Targets,
     *,
-    targets: list[int] | None,
-    top_k: int,
     images: int,
     keep_attributions: bool = False,
     options: dict[str, Any] | None = None,
 ) -> JobSpec:
-    """Check everything that can be checked before the job runs, and fix the seed.
+    """Check everything that can be checked before the job runs, and fix the seed and layer.
 
     A job that is valid here fails later only for reasons of the server's own. The seed is drawn
     now (when not given), so a redelivered job computes the same result and reports the same
     parameters.
     """
     m = get_method(method)
-    params = params.validate()
-    if params.seed is None:
-        params = params.with_(seed=secrets.randbits(62))
-    if m.needs_layer:
-        params = params.with_(layer=model.handle.resolve_layer(params.layer))
-    m.check(model.handle, params)
-    for t in targets or ():
-        model.label(t)  # TargetOutOfRange outside [0, num_classes)
-    if targets is None and not 1 <= top_k <= model.num_classes:
-        raise InvalidParameter(f"top_k must be in [1, {model.num_classes}] (got {top_k})", field="top_k")
+    params = resolve_params(m, model.handle, params)
+    targets.check(model.num_classes)
     if images < 1:
         raise InvalidParameter("a job needs at least one image", field="images")
+    classes = set(targets.classes or ())
+    if len(classes) > 1:
+        raise InvalidParameter("a job explains the same targets for every image", field="target")
     return JobSpec(
         model=model.name,
         method=m.name,
-        params={k: getattr(params, k) for k in params.__dataclass_fields__},
-        targets=list(targets) if targets else None,
-        top_k=1 if targets else top_k,
+        params=params.as_dict(),
+        targets=list(classes.pop()) if classes else None,
+        top_k=1 if targets.explicit else targets.top_k,
         images=images,
         keep_attributions=keep_attributions,
         options=dict(options or {}),
@@ -128,9 +122,8 @@ class JobService:
         model: LoadedModel,
         method: str,
         params: ExplainParams,
+        targets: Targets,
         *,
-        targets: list[int] | None,
-        top_k: int,
         images: list[bytes],
         keep_attributions: bool = False,
         options: dict[str, Any] | None = None,
@@ -145,8 +138,7 @@ class JobService:
             model,
             method,
             params,
-            targets=targets,
-            top_k=top_k,
+            targets,
             images=len(images),
             keep_attributions=keep_attributions,
             options=options,
@@ -238,7 +230,7 @@ class CeleryJobService(JobService):
     backend = "celery"
 
     def __init__(self, settings: Settings, registry: ModelRegistry, metrics: Metrics | None) -> None:
-        from service.runtime.celery_app import make_celery, make_store
+        from service.runtime.jobs.celery_app import make_celery, make_store
 
         self.redis_store = make_store(settings)
         super().__init__(settings, registry, self.redis_store, metrics)
@@ -263,7 +255,7 @@ class CeleryJobService(JobService):
         await super().start()
 
     def _dispatch(self, record: JobRecord) -> None:
-        from service.runtime.celery_app import enqueue
+        from service.runtime.jobs.celery_app import enqueue
 
         try:
             enqueue(self.celery, self.settings, record.id)
@@ -284,7 +276,7 @@ class CeleryJobService(JobService):
         super()._maintain()
 
     def _dispatch_requeued(self, job_id: str) -> None:
-        from service.runtime.celery_app import enqueue
+        from service.runtime.jobs.celery_app import enqueue
 
         enqueue(self.celery, self.settings, job_id)
 

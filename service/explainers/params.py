@@ -1,0 +1,70 @@
+"""The engine's parameters, each declared once (``service.knobs``).
+
+A new parameter is one ``knob()`` field here plus the method that reads it (its ``Method.uses``);
+the request forms and JSON bodies, the OpenAPI schema and example, ``GET /v1/methods``, the job
+spec and the echo of resolved parameters follow from the declaration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal, get_args
+
+from service import knobs
+from service.knobs import knob
+
+Baseline = Literal["black", "white", "mean", "blur", "uniform"]
+Rule = Literal["gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid"]
+
+BASELINES: tuple[str, ...] = get_args(Baseline)
+RULES: tuple[str, ...] = get_args(Rule)
+
+MAX_STEPS = 512
+MAX_SAMPLES = 256
+MAX_BATCH_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class ExplainParams:
+    """Every knob a method may read. Each method declares the subset it uses (``Method.uses``).
+
+    Constructing one validates it (``InvalidParameter`` naming the field). ``batch_size`` is a
+    memory knob only: results never depend on it, nor on which other images share a batch (noise
+    is drawn per image from ``seed``).
+    """
+
+    layer: str | None = knob(None, "dotted module name (CAM methods); unset: the model's")
+    steps: int = knob(32, "integration steps (path methods)", ge=1, le=MAX_STEPS)
+    samples: int = knob(16, "noisy samples (noise methods)", ge=1, le=MAX_SAMPLES)
+    noise_level: float = knob(0.15, "σ as a fraction of the input's value range", ge=0.0, le=1.0)
+    baseline: Baseline = knob("black", f"path baseline: {', '.join(BASELINES)}")
+    rule: Rule = knob("gausslegendre", f"integration rule: {', '.join(RULES)}")
+    seed: int | None = knob(None, "noise seed; same seed, same result (unset: drawn)", ge=0, lt=2**63)
+    batch_size: int = knob(
+        32,
+        "passes run at once: a memory knob, not a result knob",
+        ge=1,
+        le=MAX_BATCH_SIZE,
+        server_default=True,
+    )
+    autocast: bool = knob(False, "bf16 autocast (CUDA only)", request=False)
+
+    def __post_init__(self) -> None:
+        knobs.check(self)
+
+    def with_(self, **changes: Any) -> ExplainParams:
+        return replace(self, **changes)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every field by name (the job spec's stored form; ``ExplainParams(**d)`` reads it back)."""
+        return asdict(self)
+
+    def requested(self) -> dict[str, Any]:
+        """The parameters a client can set, as resolved (the ``parameters`` echo)."""
+        return {k.name: getattr(self, k.name) for k in knobs.request_knobs(ExplainParams)}
+
+
+def params_schema(names: frozenset[str]) -> dict[str, Any]:
+    """JSON Schema of the named request parameters (a method's ``uses``; ``GET /v1/methods``)."""
+    props = {k.name: knobs.schema(k) for k in knobs.request_knobs(ExplainParams) if k.name in names}
+    return {"type": "object", "properties": props}
