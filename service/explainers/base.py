@@ -1,17 +1,18 @@
-"""The engine's core: parameters, results, the method registry and the chunked pass runner.
+"""The engine's core: the model handle and what it offers, results, the method registry with
+each method's needs, and the chunked pass runner.
 
-Pure torch: nothing here (or anywhere under ``service.explainers``) imports the web layer.
+Pure torch: nothing here (or anywhere under ``service.explainers``) imports the web layer. The
+parameters are declared in ``params``, the targets in ``targets``.
 
 A *method* turns a flat batch of ``(image, target)`` pairs into maps. The engine (``engine.explain``)
-resolves targets, flattens top-k into pairs, takes the model replica's lock, runs the method and
-reshapes the result to ``(N, K, ...)``. Methods never touch the caller's model: they run on the
+flattens the targets into pairs, takes the model replica's lock, runs the method and reshapes
+the result to ``(N, K, ...)``. Methods never touch the caller's model: they run on the
 handle's private prepared copy, and every hook they add lives inside a ``with`` block.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -21,8 +22,16 @@ from typing import Any, ClassVar, Literal, TypeVar
 import torch
 from torch import Tensor, nn
 
-from service.errors import DuplicateName, MethodNotApplicable, UnknownMethod
+from service.errors import Cancelled, DuplicateName, MethodNotApplicable, SaliencyError, UnknownMethod
+from service.explainers.layers import (
+    detect_target_layer,
+    find_target_layer,
+    get_layer,
+    has_scripted_parts,
+    supports_hooks,
+)
 from service.explainers.params import ExplainParams, params_schema
+from service.explainers.prepare import prepare_model
 from service.explainers.targets import choose
 
 Family = Literal["cam", "gradient", "path", "perturbation"]
@@ -76,8 +85,6 @@ class ModelHandle:
 
     def prepared(self, keep: str | None = None) -> nn.Module:
         """The private copy methods run on; ``keep`` names a layer whose output must stay exact."""
-        from service.explainers.prepare import prepare_model
-
         with self.lock:
             if keep not in self._prepared:
                 self._prepared[keep] = prepare_model(self.module, keep=keep, optimize=self.optimize)
@@ -95,8 +102,6 @@ class ModelHandle:
 
     def resolve_layer(self, requested: str | None) -> str:
         """The CAM target layer: the request's, else the configured one, else auto-detected."""
-        from service.explainers.layers import find_target_layer, get_layer
-
         name = requested or self.target_layer
         if name is None:
             name = find_target_layer(self.module, self.input_example())
@@ -107,8 +112,6 @@ class ModelHandle:
     def offers(self, *, probe_layer: bool = True) -> frozenset[str]:
         """What this model lets a method do (the ``Need`` values), measured once; ``layer`` when a
         target layer is configured or, with ``probe_layer``, detected (``default_layer``)."""
-        from service.explainers.layers import has_scripted_parts, supports_hooks
-
         if self._module_offers is None:
             offers = {"gradients"}
             if supports_hooks(self.module):
@@ -121,8 +124,6 @@ class ModelHandle:
 
     def default_layer(self) -> str | None:
         """The configured CAM target layer, else the one detected on the model (probed once)."""
-        from service.explainers.layers import detect_target_layer
-
         if self.target_layer is None and not self._layer_probed:
             with self.lock, contextlib.suppress(RuntimeError, ValueError, TypeError):
                 self._layer_probed = True
@@ -225,8 +226,6 @@ class RunContext:
         return contextlib.nullcontext()
 
     def check_cancel(self) -> None:
-        from service.errors import Cancelled
-
         if self.cancel is not None and self.cancel():
             raise Cancelled("cancelled by the caller")
 
@@ -278,9 +277,6 @@ class Gradient:
     targets: Tensor  # (n,) the rows' targets (chosen, for clean rows)
     act: Tensor | None = None  # the layer's activations, for layer gradients
 
-    def target_logits(self) -> Tensor:
-        return self.logits.gather(1, self.targets.view(-1, 1)).squeeze(1)
-
 
 # ------------------------------------------------------------------------------------------------
 # the method registry
@@ -328,8 +324,6 @@ class Method(ABC):
     def offered(self, handle: ModelHandle) -> bool:
         """Whether the method works on this model with its default parameters (never raises a
         domain error: for lists of applicable methods)."""
-        from service.errors import SaliencyError
-
         try:
             self.applicable(handle, ExplainParams(layer=handle.target_layer))
         except (SaliencyError, RuntimeError, TypeError, ValueError):
@@ -387,20 +381,3 @@ def method_names() -> list[str]:
 
 def _load_all() -> None:
     import service.explainers  # noqa: F401  (importing the package registers every method)
-
-
-def private_copy(module: nn.Module) -> nn.Module:
-    """A deep copy in eval mode with every parameter's gradient off.
-
-    A TorchScript module cannot be deep-copied safely (its parameters come back as non-leaf
-    tensors) and takes no Python hooks anyway, so it is used as it is: the engine only asks it for
-    input gradients (``torch.autograd.grad`` with respect to the input, which neither computes
-    nor stores parameter gradients) and never changes it.
-    """
-    if isinstance(module, torch.jit.ScriptModule):
-        return module
-    clone = copy.deepcopy(module)
-    clone.eval()
-    for p in clone.parameters():
-        p.requires_grad_(False)
-    return clone

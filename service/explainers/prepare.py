@@ -52,8 +52,6 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from service.explainers.base import private_copy
-
 log = logging.getLogger(__name__)
 
 #: Input sizes tried for the probing forward pass (some models only accept their native size).
@@ -64,6 +62,23 @@ RTOL = 1e-4
 GRAD_RTOL = 5e-2
 
 __all__ = ["FoldedBatchNorm", "FoldedBatchNormAct", "close", "fold_pairs", "prepare_model"]
+
+
+def private_copy(module: nn.Module) -> nn.Module:
+    """A deep copy in eval mode with every parameter's gradient off.
+
+    A TorchScript module cannot be deep-copied safely (its parameters come back as non-leaf
+    tensors) and takes no Python hooks anyway, so it is used as it is: the engine only asks it for
+    input gradients (``torch.autograd.grad`` with respect to the input, which neither computes
+    nor stores parameter gradients) and never changes it.
+    """
+    if isinstance(module, torch.jit.ScriptModule):
+        return module
+    clone = copy.deepcopy(module)
+    clone.eval()
+    for p in clone.parameters():
+        p.requires_grad_(False)
+    return clone
 
 
 def prepare_model(module: nn.Module, *, keep: str | None = None, optimize: bool = True) -> nn.Module:

@@ -163,6 +163,21 @@ def test_png_overlay_and_npy_per_image_index(client: TestClient, images: list[by
     assert r.status_code == 200 and r.headers["content-type"] == "application/x-npy"
 
 
+def test_result_rendering_overrides_are_checked_against_their_declaration(
+    client: TestClient, images: list[bytes]
+) -> None:
+    job = submit(client, images[:1], method="gradcam", colormap="viridis")
+    wait_for(client, job["id"], "succeeded")
+    url = f"/v1/jobs/{job['id']}/result"
+    for field, value in (("colormap", "bogus"), ("alpha", "2"), ("resolution", "huge"), ("normalize", "x")):
+        body = problem(client.get(url, params={"format": "png", field: value}), 422)
+        assert body["errors"][0]["field"] == field, body
+    # a valid override wins over the submission's value; the rest stay as submitted
+    body = client.get(url, params={"normalize": "none", "resolution": "model"}).json()
+    assert body["parameters"]["colormap"] == "viridis" and body["parameters"]["normalize"] == "none"
+    assert body["parameters"]["resolution"] == "model" and body["explanations"][0]["shape"] == [64, 64]
+
+
 def test_progress_moves_per_chunk(app: FastAPI, client: TestClient, images: list[bytes]) -> None:
     store = jobs_service(app).store
     seen: list[float] = []
