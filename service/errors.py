@@ -59,10 +59,20 @@ class UnknownLayer(SaliencyError):
     code = "unknown-layer"
     title = "Unknown layer"
 
-    def __init__(self, name: str, known: Iterable[str]) -> None:
+    def __init__(
+        self, name: str, known: Iterable[str], *, usable: bool = False, reason: str | None = None
+    ) -> None:
+        """``usable``: ``known`` lists the layers CAM methods can use (``GET /v1/models/{model}/layers``),
+        not every module; ``reason``: why ``name``, a module of the model, is not among them."""
         names = list(known)
         shown = ", ".join(names[:200]) + (" …" if len(names) > 200 else "")
-        super().__init__(f"the model has no layer named {name!r}; valid layers: {shown}", field="layer")
+        if reason is not None:
+            what = f"layer {name!r} cannot be used by CAM methods: {reason}; usable layers: {shown}"
+        elif usable:
+            what = f"the model has no layer named {name!r} that CAM methods can use; usable layers: {shown}"
+        else:
+            what = f"the model has no layer named {name!r}; valid layers: {shown}"
+        super().__init__(what, field="layer")
         self.name = name
 
 

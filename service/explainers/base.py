@@ -22,12 +22,21 @@ from typing import Any, ClassVar, Literal, TypeVar
 import torch
 from torch import Tensor, nn
 
-from service.errors import Cancelled, DuplicateName, MethodNotApplicable, SaliencyError, UnknownMethod
+from service.errors import (
+    Cancelled,
+    DuplicateName,
+    MethodNotApplicable,
+    SaliencyError,
+    UnknownLayer,
+    UnknownMethod,
+)
 from service.explainers.layers import (
-    detect_target_layer,
-    find_target_layer,
-    get_layer,
+    NCHW,
+    LayerTable,
+    LayerView,
+    describe_layers,
     has_scripted_parts,
+    layer_before_head,
     supports_hooks,
 )
 from service.explainers.params import ExplainParams, params_schema
@@ -70,10 +79,12 @@ class ModelHandle:
     target_layer: str | None = None
     name: str = "model"
     optimize: bool = True
+    #: (C, H, W) the model takes; probes use it (a ViT accepts no other size). Unset: C × 64 × 64.
+    input_size: tuple[int, int, int] | None = None
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     _prepared: dict[str | None, nn.Module] = field(default_factory=dict, repr=False)
     _module_offers: frozenset[str] | None = field(default=None, repr=False)
-    _layer_probed: bool = field(default=False, repr=False)
+    _layers: LayerTable | None = field(default=None, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -100,18 +111,38 @@ class ModelHandle:
         hi = ((1.0 - mean) / std).view(-1, 1, 1)
         return lo, hi
 
+    def layers(self) -> LayerTable:
+        """The layers CAM methods can use, their layouts and the default (``describe_layers``),
+        measured once on the private copy at the model's input size. A module that refuses hooks
+        (TorchScript) lists none; its default layer is found by structure."""
+        with self.lock:
+            if self._layers is None:
+                if supports_hooks(self.module):
+                    self._layers = describe_layers(self.prepared(), self.probe_input())
+                else:
+                    self._layers = LayerTable([], layer_before_head(self.module))
+            return self._layers
+
+    def default_layer(self) -> str | None:
+        """The configured CAM target layer, else the measured default (``None``: no CAM layer)."""
+        return self.target_layer if self.target_layer is not None else self.layers().default
+
     def resolve_layer(self, requested: str | None) -> str:
-        """The CAM target layer: the request's, else the configured one, else auto-detected."""
-        name = requested or self.target_layer
+        """The CAM target layer: the request's, else the configured one, else the measured default;
+        ``UnknownLayer`` (422) unless it is one CAM methods can use."""
+        name = requested or self.default_layer()
         if name is None:
-            name = find_target_layer(self.module, self.input_example())
-            self.target_layer = name
-        get_layer(self.module, name)  # raises UnknownLayer listing the valid names
+            raise UnknownLayer("(default)", self.layers().names(), usable=True, reason="no default layer")
+        self.layers().get(name)
         return name
+
+    def layer_view(self, name: str) -> LayerView:
+        """How ``name``'s output reads as a map (``nchw``, ``nhwc`` or ``tokens``)."""
+        return self.layers().get(name).view
 
     def offers(self, *, probe_layer: bool = True) -> frozenset[str]:
         """What this model lets a method do (the ``Need`` values), measured once; ``layer`` when a
-        target layer is configured or, with ``probe_layer``, detected (``default_layer``)."""
+        target layer is configured or, with ``probe_layer``, measured (``default_layer``)."""
         if self._module_offers is None:
             offers = {"gradients"}
             if supports_hooks(self.module):
@@ -122,16 +153,13 @@ class ModelHandle:
         layer = self.default_layer() if probe_layer else self.target_layer
         return self._module_offers | ({"layer"} if layer is not None else set())
 
-    def default_layer(self) -> str | None:
-        """The configured CAM target layer, else the one detected on the model (probed once)."""
-        if self.target_layer is None and not self._layer_probed:
-            with self.lock, contextlib.suppress(RuntimeError, ValueError, TypeError):
-                self._layer_probed = True
-                self.target_layer = detect_target_layer(self.module, self.input_example())
-        return self.target_layer
+    def channels(self) -> int:
+        return self.input_size[0] if self.input_size else (len(self.mean) if len(self.mean) > 1 else 3)
 
-    def input_example(self, size: int = 64) -> Tensor:
-        return torch.zeros(1, len(self.mean) if len(self.mean) > 1 else 3, size, size, device=self.device)
+    def probe_input(self, batch: int = 2) -> Tensor:
+        """A seeded random batch at the model's input size, on its device (for measuring the model)."""
+        c, h, w = self.input_size or (self.channels(), 64, 64)
+        return torch.randn(batch, c, h, w, generator=torch.Generator().manual_seed(0)).to(self.device)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -204,6 +232,7 @@ class RunContext:
     progress: ProgressFn | None = None
     cancel: CancelFn | None = None
     layer: str | None = None
+    view: LayerView = NCHW  # how the layer's output reads as a map
     done_passes: int = 0
 
     @property
@@ -224,6 +253,10 @@ class RunContext:
         if self.params.autocast and self.device.type == "cuda":
             return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    def as_map(self, t: Tensor) -> Tensor:
+        """The target layer's output (or its gradient) as a map (n, C, h, w)."""
+        return self.view.to_map(t)
 
     def check_cancel(self) -> None:
         if self.cancel is not None and self.cancel():

@@ -55,7 +55,8 @@ class GradientCam(Method):
 
 def layer_gradients(ctx: RunContext, x: Tensor, targets: Tensor, *, clean: bool = False) -> Gradient:
     """Target-layer activations (``act``) and ∂ logit[target] / ∂ activations (``grad``), both
-    float32 (n, C, h, w), with the rows' logits.
+    read as maps (``RunContext.as_map``: channels-last and token layers too), float32
+    (n, C, h, w), with the rows' logits.
 
     ``clean``: as in ``RunContext.input_gradients``.
     """
@@ -67,7 +68,12 @@ def layer_gradients(ctx: RunContext, x: Tensor, targets: Tensor, *, clean: bool 
             targets = choose(logits, targets)
         selected = logits.gather(1, targets.view(-1, 1)).sum()
         (grad,) = torch.autograd.grad(selected, act)
-    return Gradient(grad=grad.float(), logits=logits.detach(), targets=targets, act=act.detach().float())
+    return Gradient(
+        grad=ctx.as_map(grad).float(),
+        logits=logits.detach(),
+        targets=targets,
+        act=ctx.as_map(act.detach()).float(),
+    )
 
 
 @register

@@ -21,10 +21,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from service.errors import MethodNotApplicable, SaliencyError
+from service.errors import MethodNotApplicable
 from service.explainers.base import Attribution, Method, ModelHandle, Need, RunContext, register
 from service.explainers.hooks import capture
-from service.explainers.layers import find_target_layer, get_layer
+from service.explainers.layers import NCHW, LayerView, get_layer
 from service.explainers.params import ExplainParams
 
 
@@ -41,8 +41,9 @@ _HEADS: weakref.WeakKeyDictionary[nn.Module, dict[str, CamHead | None]] = weakre
 _HEADS_LOCK = threading.Lock()  # the cache is shared by every handle; detection runs under the handle's lock
 
 
-def detect_head(model: nn.Module, layer: str, example: Tensor) -> CamHead | None:
-    """The GAP + linear head fed by ``layer``'s output, measured on ``example``; None if there is none.
+def detect_head(model: nn.Module, layer: str, example: Tensor, view: LayerView = NCHW) -> CamHead | None:
+    """The GAP + linear head fed by ``layer``'s output (read as a map through ``view``), measured on
+    ``example``; None if there is none.
 
     Every hook lives inside this function's ``try/finally``.
     """
@@ -72,8 +73,11 @@ def detect_head(model: nn.Module, layer: str, example: Tensor) -> CamHead | None
         for h in handles:
             h.remove()
 
-    act = seen.get("act")
-    if not isinstance(logits, Tensor) or act is None or act.dim() != 4 or not calls:
+    raw = seen.get("act")
+    if not isinstance(logits, Tensor) or raw is None or not calls:
+        return None
+    act = view.to_map(raw)
+    if act.dim() != 4:
         return None
     name, z, out = calls[-1]
     if out.shape != logits.shape or not torch.equal(out, logits):
@@ -96,10 +100,7 @@ def cam_head(handle: ModelHandle, layer: str) -> CamHead | None:
             per_model = _HEADS.setdefault(model, {})
             if layer in per_model:
                 return per_model[layer]
-        example = torch.randn(
-            2, *handle.input_example().shape[1:], generator=torch.Generator().manual_seed(0)
-        ).to(handle.device)
-        head = detect_head(model, layer, example)
+        head = detect_head(model, layer, handle.probe_input(), handle.layer_view(layer))
         with _HEADS_LOCK:
             per_model[layer] = head
         return head
@@ -156,7 +157,7 @@ class Cam(Method):
         for sl in ctx.chunks(x.shape[0]):
             with capture(ctx.model, ctx.layer) as cap, torch.inference_mode():
                 ctx.forward(x[sl])
-                act = cap.get().float()
+                act = ctx.as_map(cap.get()).float()
             if head.relu:
                 act = torch.relu(act)
             w = linear.weight.detach().float()[targets[sl]]  # (n, C)
@@ -168,12 +169,7 @@ class Cam(Method):
 def _other_layers(handle: ModelHandle, layer: str) -> list[str]:
     """Layers worth suggesting instead of ``layer``: the configured one, then the auto-detected one.
 
-    Detection runs on the private prepared copy (same module names), never on the shared model.
+    The measured default comes from ``ModelHandle.layers`` (the private copy, never the shared model).
     """
-    names = [handle.target_layer] if handle.target_layer else []
-    try:
-        with handle.lock:
-            names.append(find_target_layer(handle.prepared(keep=layer), handle.input_example()))
-    except (SaliencyError, RuntimeError):
-        pass
+    names = [handle.target_layer, handle.layers().default]
     return [n for n in dict.fromkeys(names) if n is not None and n != layer]

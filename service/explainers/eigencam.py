@@ -42,7 +42,7 @@ class EigenCam(Method):
         for sl in ctx.chunks(images.shape[0]):
             with capture(ctx.model, ctx.layer) as cap, torch.inference_mode():
                 ctx.forward(images[sl])
-                act = cap.get().float()
+                act = ctx.as_map(cap.get()).float()
             maps.append(first_component(act))
             ctx.advance(sl.stop - sl.start)
         ctx.advance(x.shape[0] - images.shape[0])  # the targets that shared an image's pass

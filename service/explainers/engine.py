@@ -19,6 +19,7 @@ from service.explainers.base import (
     RunContext,
     get_method,
 )
+from service.explainers.layers import NCHW
 from service.explainers.params import ExplainParams
 from service.explainers.targets import Targets, choose_top_k
 
@@ -61,6 +62,7 @@ def explain(
             progress=progress,
             cancel=cancel,
             layer=params.layer if m.needs_layer else None,
+            view=handle.layer_view(params.layer) if m.needs_layer and params.layer else NCHW,
         )
         xd = x.detach().to(handle.device, torch.float32)
         rows, logits = _target_rows(ctx, m, xd, targets)

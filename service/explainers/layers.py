@@ -1,12 +1,17 @@
 """Finding, naming and describing a model's layers: the one module that knows about layers.
 
-Dotted names are resolved with ``get_submodule``. The CAM target layer is found by measuring the
-model (``find_target_layer``: the last spatial map in execution order) or, for TorchScript
-modules that refuse hooks, by structure alone (``layer_before_head``). ``supports_hooks`` and
+Dotted names are resolved with ``get_submodule``. The layers CAM methods can use, their layouts
+(``nchw``, ``nhwc``, ``tokens``) and the default one are measured on the model
+(``describe_layers``) or, for TorchScript modules that refuse hooks, the default is found by
+structure alone (``layer_before_head``). ``supports_hooks`` and
 ``has_scripted_parts`` say what a module lets the engine do (``ModelHandle.offers``).
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -31,51 +36,252 @@ def get_layer(model: nn.Module, name: str) -> nn.Module:
         raise UnknownLayer(name, layer_names(model)) from None
 
 
-def find_target_layer(model: nn.Module, example: Tensor) -> str:
-    """The last module, in execution order, whose output is a spatial feature map (N, C, h, w), h·w > 1.
+Layout = Literal["nchw", "nhwc", "tokens"]
 
-    That is the map the classifier head pools (``layer4`` of a ResNet, ``features`` of a DenseNet
-    or VGG, ``bn2`` of timm's EfficientNet). Containers finish after their children, so the outermost
-    module that returns the final map wins. Adaptive pooling modules belong to the head (VGG's
-    ``avgpool`` resizes to 7×7 before the classifier) and are skipped.
+
+@dataclass(frozen=True)
+class LayerView:
+    """How to read a layer's output as a map (N, C, h, w).
+
+    ``nchw``: as it is; ``nhwc``: channels last (timm's Swin and MaxViT stages); ``tokens``: a
+    sequence (N, T, C) of ``prefix_tokens`` (class, distillation, register tokens) followed by the
+    ``grid`` of patch tokens in raster order.
     """
-    order: list[str] = []
-    handles = []
+
+    layout: Layout
+    prefix_tokens: int = 0
+    grid: tuple[int, int] | None = None
+
+    def to_map(self, t: Tensor) -> Tensor:
+        """The output (or its gradient) as (N, C, h, w); prefix tokens dropped."""
+        if self.layout == "nchw":
+            return t
+        if self.layout == "nhwc":
+            return t.permute(0, 3, 1, 2)
+        assert self.grid is not None
+        gh, gw = self.grid
+        patches = t[:, self.prefix_tokens :, :]
+        return patches.reshape(t.shape[0], gh, gw, t.shape[2]).permute(0, 3, 1, 2)
+
+
+NCHW = LayerView("nchw")
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A layer a CAM method can use: its name, module class, layout and (C, h, w) map shape."""
+
+    name: str
+    type: str
+    view: LayerView
+    shape: tuple[int, int, int]
+
+    def describe(self, default: bool) -> dict[str, object]:
+        """The ``GET /v1/models/{model}/layers`` entry."""
+        return {
+            "name": self.name,
+            "type": self.type,
+            "layout": self.view.layout,
+            "shape": list(self.shape),
+            "prefix_tokens": self.view.prefix_tokens,
+            "default": default,
+        }
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """What a transformer says about its token sequence: the prefix tokens and the patch grid."""
+
+    prefix_tokens: int
+    grid: tuple[int, int]
+
+
+def token_facts(model: nn.Module) -> Tokens | None:
+    """The model's prefix-token count and patch grid, read from the model itself: timm's
+    ``num_prefix_tokens`` and ``patch_embed.grid_size``, torchvision's ``class_token`` and
+    ``image_size // patch_size``. ``None`` for models without a patch embedding."""
+    embed = getattr(model, "patch_embed", None)
+    grid = getattr(embed, "grid_size", None)
+    if grid is not None and len(grid) == 2:
+        return Tokens(int(getattr(model, "num_prefix_tokens", 0) or 0), (int(grid[0]), int(grid[1])))
+    image, patch = getattr(model, "image_size", None), getattr(model, "patch_size", None)
+    if isinstance(image, int) and isinstance(patch, int) and hasattr(model, "conv_proj"):
+        prefix = 1 if getattr(model, "class_token", None) is not None else 0
+        return Tokens(prefix, (image // patch, image // patch))
+    return None
+
+
+def channels_last_hint(model: nn.Module) -> bool:
+    """Whether the model declares channels-last feature maps (timm's ``output_fmt == "NHWC"``)."""
+    return str(getattr(model, "output_fmt", "")).upper() == "NHWC"
+
+
+def _is_grid(h: int, w: int, height: int, width: int) -> bool:
+    """(h, w) is the input (height, width) seen at one integer stride (rounded up or down), h·w > 1."""
+    if h * w <= 1:
+        return False
+    for stride in range(1, max(height, width) + 1):
+        hs, ws = height / stride, width / stride
+        if h in (math.floor(hs), math.ceil(hs)) and w in (math.floor(ws), math.ceil(ws)):
+            return True
+        if hs < h - 1:
+            return False
+    return False
+
+
+def read_layout(
+    shape: tuple[int, ...], input_hw: tuple[int, int], tokens: Tokens | None, channels_last: bool
+) -> LayerView | str:
+    """How an output of ``shape`` (batch dimension excluded) reads as a map, or why it does not.
+
+    A 3-d output is a token sequence when its length is the model's prefix tokens plus its patch
+    grid. A 4-d output is a map when its last two dimensions are a grid of the input (``nchw``) or
+    its middle two are (``nhwc``); when both readings fit (C = h = w), the model's own
+    ``output_fmt`` decides, and without one the shape is refused as ambiguous.
+    """
+    height, width = input_hw
+    if len(shape) == 2:
+        if tokens is None:
+            return f"an output shaped {list(shape)} is a sequence, and the model declares no patch grid"
+        gh, gw = tokens.grid
+        if shape[0] == tokens.prefix_tokens + gh * gw and gh * gw > 1:
+            return LayerView("tokens", tokens.prefix_tokens, tokens.grid)
+        return (
+            f"{shape[0]} tokens are not the model's {tokens.prefix_tokens} prefix tokens plus its "
+            f"{gh}×{gw} patch grid"
+        )
+    if len(shape) != 3:
+        return f"an output shaped {list(shape)} is neither a map nor a token sequence"
+    a, b, c = shape
+    nchw, nhwc = _is_grid(b, c, height, width), _is_grid(a, b, height, width)
+    if nchw and nhwc:
+        if channels_last:
+            return LayerView("nhwc")
+        return f"an output shaped {list(shape)} reads as channels-first and as channels-last"
+    if nchw:
+        return NCHW
+    if nhwc:
+        return LayerView("nhwc")
+    return f"an output shaped {list(shape)} is no spatial grid of the {height}×{width} input"
+
+
+@dataclass
+class LayerTable:
+    """The layers of one model that CAM methods can use, in execution order, and the default."""
+
+    layers: list[LayerInfo]
+    default: str | None
+    refused: dict[str, str] = field(default_factory=dict)  # layer → why it cannot be used
+
+    def names(self) -> list[str]:
+        return [info.name for info in self.layers]
+
+    def get(self, name: str) -> LayerInfo:
+        """The usable layer ``name``; ``UnknownLayer`` (422) listing the usable ones otherwise."""
+        for info in self.layers:
+            if info.name == name:
+                return info
+        why = self.refused.get(name)
+        raise UnknownLayer(name, self.names(), usable=True, reason=why)
+
+    def describe(self) -> list[dict[str, object]]:
+        return [info.describe(info.name == self.default) for info in self.layers]
+
+
+def _inside_attention(name: str, attention: list[str]) -> bool:
+    return any(name.startswith(a + ".") for a in attention)
+
+
+def is_attention(module: nn.Module) -> bool:
+    """An attention block: timm's (``fused_attn``), torchvision's ``MultiheadAttention``, or any
+    module whose class name ends in ``Attention``."""
+    return (
+        hasattr(module, "fused_attn")
+        or isinstance(module, nn.MultiheadAttention)
+        or type(module).__name__.endswith("Attention")
+    )
+
+
+def describe_layers(model: nn.Module, example: Tensor) -> LayerTable:
+    """Measure the layers CAM methods can use: one forward and one backward pass on ``example``
+    (two or more images), every module's output shape read with ``read_layout``.
+
+    Left out: modules inside attention blocks (their outputs are attention internals), adaptive
+    pooling (it belongs to the head: VGG's ``avgpool``), outputs whose batch dimension is not the
+    images' (Swin's windows), and every output ``read_layout`` refuses. The default layer is the
+    last usable one, in execution order, whose map receives a gradient from the top class —
+    ``blocks[-1].norm1`` of a class-token ViT, whose later outputs reach the head only through the
+    class token — preferring the width of the model's last usable map (so not ``attn.qkv``).
+    Containers finish after their children, so the outermost module that returns the final map
+    wins (``layer4`` of a ResNet). Every hook lives inside this function's ``try/finally``.
+    """
+    tokens, channels_last = token_facts(model), channels_last_hint(model)
+    input_hw = (int(example.shape[2]), int(example.shape[3]))
+    batch = int(example.shape[0])
+    modules = dict(model.named_modules())
+    attention = [n for n, m in modules.items() if n and is_attention(m)]
+    seen: list[tuple[str, Tensor]] = []
+    refused: dict[str, str] = {}
 
     def make(name: str):  # type: ignore[no-untyped-def]
         def hook(m: nn.Module, _i: object, out: object) -> None:
-            if isinstance(m, _HEAD_POOLS):
+            if isinstance(m, _HEAD_POOLS) or _inside_attention(name, attention):
                 return
-            if isinstance(out, Tensor) and out.dim() == 4 and out.shape[2] * out.shape[3] > 1:
-                order.append(name)
+            if not isinstance(out, Tensor) or out.dim() < 3 or out.shape[0] != batch:
+                return
+            if out.requires_grad:
+                out.retain_grad()
+            seen.append((name, out))
 
         return hook
 
+    handles = []
     try:
-        for name, module in model.named_modules():
+        for name, module in modules.items():
             if name:
                 handles.append(module.register_forward_hook(make(name)))
-        with torch.no_grad():
-            model(example)
+        x = example.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            logits = model(x)
+            if isinstance(logits, Tensor) and logits.requires_grad:
+                torch.autograd.backward(logits.gather(1, logits.argmax(dim=1, keepdim=True)).sum())
     finally:
         for h in handles:
             h.remove()
-    if not order:
-        raise UnknownLayer("(auto)", layer_names(model))
-    return order[-1]
+
+    layers: list[LayerInfo] = []
+    reached: dict[str, bool] = {}
+    for name, out in seen:
+        view = read_layout(tuple(out.shape[1:]), input_hw, tokens, channels_last)
+        if isinstance(view, str):
+            refused.setdefault(name, view)
+            continue
+        refused.pop(name, None)
+        as_map = view.to_map(out.detach())
+        info = LayerInfo(name, type(modules[name]).__name__, view, tuple(as_map.shape[1:]))  # type: ignore[arg-type]
+        layers = [i for i in layers if i.name != name] + [info]
+        grad = out.grad
+        reached[name] = grad is not None and bool((view.to_map(grad) != 0).any())
+    return LayerTable(layers, _default_layer(layers, reached), refused)
+
+
+def _default_layer(layers: list[LayerInfo], reached: dict[str, bool]) -> str | None:
+    live = [i for i in layers if reached.get(i.name)]
+    if not live:
+        return None
+    width = layers[-1].shape[0]
+    same = [i for i in live if i.shape[0] == width]
+    return (same or live)[-1].name
 
 
 def detect_target_layer(module: nn.Module, example: Tensor) -> str | None:
     """The CAM target layer of a model without a configured one, or ``None`` (no CAM methods).
 
-    Measured with forward hooks where the module takes them, by structure otherwise.
+    Measured (``describe_layers``) where the module takes hooks, by structure otherwise.
     """
     if not supports_hooks(module):
         return layer_before_head(module)
-    try:
-        return find_target_layer(module, example)
-    except UnknownLayer:
-        return None
+    return describe_layers(module, example).default
 
 
 # class names (``original_name`` for TorchScript) that make up a classifier head

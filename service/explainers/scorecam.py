@@ -84,7 +84,7 @@ class ScoreCam(Method):
         for sl in ctx.chunks(x.shape[0]):
             with capture(ctx.model, ctx.layer) as cap, torch.inference_mode():
                 ctx.forward(x[sl])
-                out.append(cap.get().float())
+                out.append(ctx.as_map(cap.get()).float())
         return torch.cat(out)
 
 

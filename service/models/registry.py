@@ -25,7 +25,7 @@ from service.errors import (
     UnknownModel,
 )
 from service.explainers import ExplainParams, ModelHandle, Targets, all_methods, explain
-from service.explainers.layers import detect_target_layer, layer_names
+from service.explainers.layers import layer_names, supports_hooks
 from service.imaging.geometry import Geometry, preprocess
 from service.models.loaders import (
     BUILTIN_MEAN,
@@ -178,9 +178,11 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
         module=module,
         mean=mean,
         std=std,
-        target_layer=_target_layer(spec, module, example),
+        target_layer=_configured_layer(spec, module),
         name=spec.name,
+        input_size=input_size,
     )
+    _check_layers(spec, handle)
     architecture = spec.architecture or (
         spec.name if builtin else str(getattr(module, "original_name", type(module).__name__))
     )
@@ -231,20 +233,36 @@ def _probe(spec: ModelSpec, module: nn.Module, example: Tensor) -> int:
     return int(out.shape[1])
 
 
-def _target_layer(spec: ModelSpec, module: nn.Module, example: Tensor) -> str | None:
-    """The configured CAM layer (checked), else the detected one, else ``None`` (no CAM)."""
+def _configured_layer(spec: ModelSpec, module: nn.Module) -> str | None:
+    """The configured CAM layer, checked to be a module of the model (``None``: measure it)."""
+    if spec.target_layer is None:
+        return None
+    names = layer_names(module)  # not get_submodule: TorchScript modules lack it
+    if spec.target_layer not in names:
+        exc = UnknownLayer(spec.target_layer, names)
+        raise ConfigError(f"model {spec.name!r}: target_layer: {exc.message}")
+    return spec.target_layer
+
+
+def _check_layers(spec: ModelSpec, handle: ModelHandle) -> None:
+    """Measure the CAM layers now (at the model's input size, before any request); the configured
+    layer must be one of them; without one, the measured default is the model's target layer."""
+    if not supports_hooks(handle.module):
+        handle.target_layer = handle.default_layer()  # by structure; CAM methods need hooks anyway
+        return
+    table = handle.layers()
     if spec.target_layer is not None:
-        names = layer_names(module)  # not get_submodule: TorchScript modules lack it
-        if spec.target_layer not in names:
-            exc = UnknownLayer(spec.target_layer, names)
-            raise ConfigError(f"model {spec.name!r}: target_layer: {exc.message}")
-        return spec.target_layer
-    layer = detect_target_layer(module, example)
-    if layer is None:
+        try:
+            table.get(spec.target_layer)
+        except UnknownLayer as exc:
+            raise ConfigError(f"model {spec.name!r}: target_layer: {exc.message}") from None
+        return
+    handle.target_layer = table.default
+    if table.default is None:
         log.warning(
-            "model %s: no target layer found (set target_layer in its config): no CAM methods", spec.name
+            "model %s: no layer gives CAM methods a map (set target_layer in its config): no CAM methods",
+            spec.name,
         )
-    return layer
 
 
 # ------------------------------------------------------------------------------------------------

@@ -249,8 +249,9 @@ def test_no_spatial_map_means_no_cam() -> None:
         def forward(self, x: Tensor) -> Tensor:
             return self.fc(x.flatten(1))
 
-    spec = ModelSpec(name="f", source="torchvision", architecture="resnet18")
-    assert registry._target_layer(spec, Flat(), torch.zeros(1, 3, 16, 16)) is None
+    handle = ModelHandle(Flat(), input_size=(3, 16, 16))
+    assert handle.default_layer() is None
+    assert "layer" not in handle.offers()
 
 
 # ------------------------------------------------------------------------------------------------
