@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -41,6 +41,7 @@ from service.explainers.layers import (
 )
 from service.explainers.params import ExplainParams, params_schema
 from service.explainers.prepare import prepare_model
+from service.explainers.rectifiers import rectifier_calls
 from service.explainers.targets import choose
 
 Family = Literal["cam", "gradient", "path", "perturbation"]
@@ -49,14 +50,21 @@ Family = Literal["cam", "gradient", "path", "perturbation"]
 #: ``gradients``: a backward pass to the input; ``hooks``: Python forward hooks on submodules
 #: (TorchScript refuses them); ``layer``: a spatial target layer (the request's or the model's);
 #: ``python_forward``: a forward pass run as Python code, so that a torch function mode sees every
-#: call (the rectifier rules; TorchScript code hides its calls).
-Need = Literal["gradients", "hooks", "layer", "python_forward"]
+#: call (the rectifier rules; TorchScript code hides its calls); ``rectifiers``: at least one
+#: ReLU-family activation in the forward pass (Guided Backprop and Deconvnet define their rule
+#: there; a model with only smooth activations would get a plain gradient from them).
+Need = Literal["gradients", "hooks", "layer", "python_forward", "rectifiers"]
 
 NEED_TEXT: dict[str, str] = {
     "gradients": "a backward pass to the input",
     "hooks": "forward hooks on the model's layers, which TorchScript modules refuse",
     "layer": "a spatial target layer, which this model lacks (set target_layer in its config)",
     "python_forward": "to rewrite the backward pass of ReLUs, which TorchScript code hides",
+    "rectifiers": (
+        "ReLU-family activations, whose backward pass its rule rewrites; this model has none (its "
+        "activations are smooth, e.g. GELU or SiLU, where the rule is not defined and the result "
+        "would be a plain gradient): use saliency, input_x_gradient or integrated_gradients"
+    ),
 }
 
 
@@ -83,7 +91,7 @@ class ModelHandle:
     input_size: tuple[int, int, int] | None = None
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     _prepared: dict[str | None, nn.Module] = field(default_factory=dict, repr=False)
-    _module_offers: frozenset[str] | None = field(default=None, repr=False)
+    _measured: dict[str, bool] = field(default_factory=dict, repr=False)
     _layers: LayerTable | None = field(default=None, repr=False)
 
     @property
@@ -140,18 +148,31 @@ class ModelHandle:
         """How ``name``'s output reads as a map (``nchw``, ``nhwc`` or ``tokens``)."""
         return self.layers().get(name).view
 
-    def offers(self, *, probe_layer: bool = True) -> frozenset[str]:
-        """What this model lets a method do (the ``Need`` values), measured once; ``layer`` when a
-        target layer is configured or, with ``probe_layer``, measured (``default_layer``)."""
-        if self._module_offers is None:
-            offers = {"gradients"}
-            if supports_hooks(self.module):
-                offers.add("hooks")
-            if not has_scripted_parts(self.module):
-                offers.add("python_forward")
-            self._module_offers = frozenset(offers)
-        layer = self.default_layer() if probe_layer else self.target_layer
-        return self._module_offers | ({"layer"} if layer is not None else set())
+    def offers(self, asked: Iterable[str] = NEED_TEXT) -> frozenset[str]:
+        """Which of the ``asked`` needs (``Need``) this model meets; each is measured once, when
+        first asked: ``layer`` when a target layer is configured or measured (``default_layer``),
+        ``rectifiers`` when a forward pass runs at least one ReLU-family activation."""
+        return frozenset(need for need in asked if self._offers(need))
+
+    def _offers(self, need: str) -> bool:
+        if need == "layer":
+            return self.default_layer() is not None
+        with self.lock:
+            if need not in self._measured:
+                self._measured[need] = self._measure(need)
+            return self._measured[need]
+
+    def _measure(self, need: str) -> bool:
+        if need == "gradients":
+            return True
+        if need == "hooks":
+            return supports_hooks(self.module)
+        if need == "python_forward":
+            return not has_scripted_parts(self.module)
+        if need == "rectifiers":
+            # a forward pass of the shared model under a thread-local mode: nothing is registered on it
+            return self._offers("python_forward") and rectifier_calls(self.module, self.probe_input(1)) > 0
+        raise ValueError(f"unknown need {need!r}")
 
     def channels(self) -> int:
         return self.input_size[0] if self.input_size else (len(self.mean) if len(self.mean) > 1 else 3)
@@ -346,7 +367,8 @@ class Method(ABC):
     def require(self, handle: ModelHandle, params: ExplainParams) -> None:
         """``MethodNotApplicable`` naming what the model lacks of ``needs`` (a layer named in
         ``params`` stands in for the model's own)."""
-        missing = sorted(self.needs - handle.offers(probe_layer=self.needs_layer) - _named(params))
+        asked = self.needs - _named(params)
+        missing = sorted(asked - handle.offers(asked))
         if missing:
             raise MethodNotApplicable(
                 f"{self.name} needs {'; and '.join(NEED_TEXT[n] for n in missing)}: it cannot explain "

@@ -53,6 +53,8 @@ def explain(
     m = get_method(method)
     targets = targets or Targets.top(1)
     n, k = _check_input(x, targets), targets.per_image
+    if handle.input_size is None:  # a library caller's handle: measure the model at the size it is fed
+        handle.input_size = (int(x.shape[1]), int(x.shape[2]), int(x.shape[3]))
     params = resolve_params(m, handle, params or ExplainParams())
     with handle.lock:
         ctx = RunContext(

@@ -125,7 +125,7 @@ class GuidedBackprop(InputGradientMethod):
     description = "Gradient with only positive signals passed back through each ReLU."
     paper = "https://arxiv.org/abs/1412.6806"
     signed = True
-    needs: ClassVar[frozenset[Need]] = frozenset({"gradients", "python_forward"})
+    needs: ClassVar[frozenset[Need]] = frozenset({"gradients", "python_forward", "rectifiers"})
     rectifier = "guided"
 
 
@@ -142,7 +142,7 @@ class Deconvnet(InputGradientMethod):
     description = "Deconvolution: rectified gradients passed back through each ReLU, ignoring its input."
     paper = "https://arxiv.org/abs/1311.2901"
     signed = True
-    needs: ClassVar[frozenset[Need]] = frozenset({"gradients", "python_forward"})
+    needs: ClassVar[frozenset[Need]] = frozenset({"gradients", "python_forward", "rectifiers"})
     rectifier = "deconvnet"
 
 

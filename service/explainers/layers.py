@@ -157,12 +157,15 @@ def read_layout(
     if nchw and nhwc:
         if channels_last:
             return LayerView("nhwc")
-        return f"an output shaped {list(shape)} reads as channels-first and as channels-last"
+        return f"an output shaped {list(shape)} {AMBIGUOUS}"
     if nchw:
         return NCHW
     if nhwc:
         return LayerView("nhwc")
     return f"an output shaped {list(shape)} is no spatial grid of the {height}×{width} input"
+
+
+AMBIGUOUS = "reads as channels-first and as channels-last"
 
 
 @dataclass
@@ -204,14 +207,16 @@ def is_attention(module: nn.Module) -> bool:
 
 def describe_layers(model: nn.Module, example: Tensor) -> LayerTable:
     """Measure the layers CAM methods can use: one forward and one backward pass on ``example``
-    (two or more images), every module's output shape read with ``read_layout``.
+    (two or more images), every module's output shape read with ``read_layout`` (shapes that read
+    both as channels-first and channels-last are read again on a wider input, ``_settle``).
 
     Left out: modules inside attention blocks (their outputs are attention internals), adaptive
     pooling (it belongs to the head: VGG's ``avgpool``), outputs whose batch dimension is not the
     images' (Swin's windows), and every output ``read_layout`` refuses. The default layer is the
-    last usable one, in execution order, whose map receives a gradient from the top class —
-    ``blocks[-1].norm1`` of a class-token ViT, whose later outputs reach the head only through the
-    class token — preferring the width of the model's last usable map (so not ``attn.qkv``).
+    last usable one, in execution order, whose map receives a gradient from the features the head
+    reads (the input of the last linear layer, weighted at random) — ``blocks[-1].norm1`` of a
+    class-token ViT, whose later outputs reach the head only through the class token — preferring
+    the width of the model's last usable map, and not an ``Identity`` (it repeats the map before it).
     Containers finish after their children, so the outermost module that returns the final map
     wins (``layer4`` of a ResNet). Every hook lives inside this function's ``try/finally``.
     """
@@ -222,9 +227,12 @@ def describe_layers(model: nn.Module, example: Tensor) -> LayerTable:
     attention = [n for n, m in modules.items() if n and is_attention(m)]
     seen: list[tuple[str, Tensor]] = []
     refused: dict[str, str] = {}
+    head: list[Tensor] = []  # the input of the last linear layer run: the features the head reads
 
     def make(name: str):  # type: ignore[no-untyped-def]
-        def hook(m: nn.Module, _i: object, out: object) -> None:
+        def hook(m: nn.Module, inputs: tuple[object, ...], out: object) -> None:
+            if isinstance(m, nn.Linear) and inputs and isinstance(inputs[0], Tensor):
+                head[:] = [inputs[0]]
             if isinstance(m, _HEAD_POOLS) or _inside_attention(name, attention):
                 return
             if not isinstance(out, Tensor) or out.dim() < 3 or out.shape[0] != batch:
@@ -243,16 +251,24 @@ def describe_layers(model: nn.Module, example: Tensor) -> LayerTable:
         x = example.detach().clone().requires_grad_(True)
         with torch.enable_grad():
             logits = model(x)
-            if isinstance(logits, Tensor) and logits.requires_grad:
-                torch.autograd.backward(logits.gather(1, logits.argmax(dim=1, keepdim=True)).sum())
+            # what reaches the head's features (not the logits: a zero-initialised head, as
+            # torchvision's ViT has, would pass no gradient back at all)
+            top = head[0] if head and head[0].requires_grad else logits
+            if isinstance(top, Tensor) and top.requires_grad:
+                weights = torch.randn(top.shape, generator=torch.Generator().manual_seed(0)).to(top)
+                torch.autograd.backward((top * weights).sum())
     finally:
         for h in handles:
             h.remove()
 
+    views = {name: read_layout(tuple(out.shape[1:]), input_hw, tokens, channels_last) for name, out in seen}
+    ambiguous = [n for n, v in views.items() if isinstance(v, str) and v.endswith(AMBIGUOUS)]
+    if ambiguous:
+        views.update(_settle(model, example, ambiguous, tokens))
     layers: list[LayerInfo] = []
     reached: dict[str, bool] = {}
     for name, out in seen:
-        view = read_layout(tuple(out.shape[1:]), input_hw, tokens, channels_last)
+        view = views[name]
         if isinstance(view, str):
             refused.setdefault(name, view)
             continue
@@ -265,8 +281,44 @@ def describe_layers(model: nn.Module, example: Tensor) -> LayerTable:
     return LayerTable(layers, _default_layer(layers, reached), refused)
 
 
+def _settle(
+    model: nn.Module, example: Tensor, names: list[str], tokens: Tokens | None
+) -> dict[str, LayerView | str]:
+    """Read the ambiguous layers again on an input twice as wide (a forward pass only): where C =
+    h = w at the first size, the width now tells the layouts apart. A model that takes no other
+    size leaves them ambiguous (refused)."""
+    wide = torch.cat([example, example], dim=3)
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def make(name: str):  # type: ignore[no-untyped-def]
+        def hook(_m: nn.Module, _i: object, out: object) -> None:
+            if isinstance(out, Tensor):
+                shapes[name] = tuple(out.shape[1:])
+
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_hook(make(n)) for n in names]
+    try:
+        with torch.no_grad():
+            model(wide)
+    except Exception:
+        return {}
+    finally:
+        for h in handles:
+            h.remove()
+    hw = (int(wide.shape[2]), int(wide.shape[3]))
+    out: dict[str, LayerView | str] = {}
+    for name in names:
+        if name in shapes:
+            view = read_layout(shapes[name], hw, tokens, channels_last=False)
+            if not isinstance(view, str):
+                out[name] = view
+    return out
+
+
 def _default_layer(layers: list[LayerInfo], reached: dict[str, bool]) -> str | None:
-    live = [i for i in layers if reached.get(i.name)]
+    # an Identity passes the map of the layer before it on: name that layer instead
+    live = [i for i in layers if reached.get(i.name) and i.type != "Identity"]
     if not live:
         return None
     width = layers[-1].shape[0]

@@ -21,7 +21,9 @@ recording and its input requires grad; every other call runs unchanged.
 
 Smooth and other activations (SiLU, GELU, Hardswish, Sigmoid, LeakyReLU, ``clamp``, …) keep their
 plain gradient, as in Captum: both papers define the rule for rectifiers only. A model with no
-rectifier therefore gets its plain input gradient from these methods.
+rectifier at all (a ViT, a ConvNeXt, torchvision's EfficientNet: GELU or SiLU throughout) would
+get its plain input gradient from these methods, so they refuse it (the ``rectifiers`` need,
+measured with ``rectifier_calls``) rather than return a plain gradient under their name.
 
 Deviation from Captum: Captum hooks ``nn.ReLU`` modules only, so it silently returns the plain
 gradient through functional ReLUs (torchvision's DenseNet applies ``F.relu`` before pooling) and
@@ -36,7 +38,7 @@ Scope: the mode lives on PyTorch's thread-local torch-function mode stack, so th
 only to code run by the calling thread inside the ``with`` block; it is popped when the block
 exits, normally or by an exception. Nothing is registered on the model. TorchScript modules do not
 dispatch through Python and so cannot be intercepted: methods using these rules refuse them
-(``has_scripted_parts``).
+(the ``python_forward`` need).
 """
 
 from __future__ import annotations
@@ -186,6 +188,10 @@ def backward_rule(rule: RectifierRule | None) -> Iterator[RuleStats]:
         yield mode.stats
 
 
-def has_scripted_parts(module: nn.Module) -> bool:
-    """True when ``module`` is or contains TorchScript code, which the rules cannot reach."""
-    return any(isinstance(m, torch.jit.ScriptModule) for m in module.modules())
+def rectifier_calls(model: nn.Module, example: Tensor) -> int:
+    """How many rectifying calls one forward pass of ``model`` on ``example`` makes (the rules'
+    reach: a model with none gets a plain gradient from them)."""
+    x = example.detach().clone().requires_grad_(True)
+    with torch.enable_grad(), backward_rule("guided") as stats:
+        model(x)
+    return stats.rectified

@@ -68,13 +68,14 @@ def vgg11() -> nn.Module:
 class Arch:
     build: Callable[[], nn.Module]
     gap_head: bool  # a GAP + linear head, so that ``cam`` applies
+    rectifiers: bool = True  # ReLU-family activations, so that the guided and deconvnet rules apply
 
 
 ARCHS: dict[str, Arch] = {
     "resnet18": Arch(lambda: torchvision.models.resnet18(num_classes=CLASSES), True),
     "densenet121": Arch(lambda: torchvision.models.densenet121(num_classes=CLASSES), True),
     "mobilenet_v3_small": Arch(lambda: torchvision.models.mobilenet_v3_small(num_classes=CLASSES), False),
-    "efficientnet_b0": Arch(lambda: torchvision.models.efficientnet_b0(num_classes=CLASSES), True),
+    "efficientnet_b0": Arch(lambda: torchvision.models.efficientnet_b0(num_classes=CLASSES), True, False),
     "vgg11": Arch(vgg11, False),
     "tf_efficientnet_lite0": Arch(
         lambda: timm.create_model("tf_efficientnet_lite0", num_classes=CLASSES), True
@@ -204,7 +205,12 @@ def _drop_handles() -> Iterator[None]:
     _HANDLES.clear()
 
 
+RECTIFIED = frozenset({"guided_backprop", "deconvnet", "guided_gradcam"})
+
+
 def applicable(arch: str, method: str) -> bool:
+    if method in RECTIFIED:
+        return ARCHS[arch].rectifiers  # SiLU throughout: the rules would give a plain gradient
     return method != "cam" or ARCHS[arch].gap_head
 
 
@@ -253,7 +259,7 @@ def test_method_runs_with_sound_output(arch: str, method: str) -> None:
         handle = handle_for(arch)
         x = images(1, seed=7)
         before = Untouched(handle, x)
-        with pytest.raises(MethodNotApplicable, match="gradcam"):
+        with pytest.raises(MethodNotApplicable, match="saliency" if method in RECTIFIED else "gradcam"):
             explain(handle, x, method, PARAMS)
         assert_untouched(before)
         return

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from service.errors import Cancelled, MethodNotApplicable
 from service.explainers import ExplainParams, ModelHandle, Targets, explain
 from service.explainers.hooks import hook_count
-from service.explainers.rectifiers import backward_rule
+from service.explainers.rectifiers import RectifierRule, backward_rule
 
 # ------------------------------------------------------------------------------------------------
 # hand-worked networks
@@ -151,10 +151,14 @@ def test_other_hardtanh_keeps_its_plain_gradient() -> None:
     # hardtanh(-1, 1) is no rectifier. x = (0.1, 0.2): h = V1 x = (0.8, 0.3, 0.1), all inside (-1, 1),
     # so the plain gradient is V1ᵀ (1, 1, -1) = (4 + 1 + 1, 2 + 1 - 1) = (6, 2); a guided rule would
     # drop the -1 and give V1ᵀ (1, 1, 0) = (5, 3).
-    handle = tiny_handle(Tiny([V1, V2], lambda t: F.hardtanh(t, -1.0, 1.0)))
+    model = Tiny([V1, V2], lambda t: F.hardtanh(t, -1.0, 1.0))
     x = torch.tensor([0.1, 0.2]).view(1, 2, 1, 1)
+    for rule in ("guided", "deconvnet"):
+        assert ruled_gradient(model, x, rule) == pytest.approx([6.0, 2.0])
+    # a model with no rectifier at all gets no plain gradient under the rules' names
     for method in ("guided_backprop", "deconvnet"):
-        assert attr_of(handle, x, method) == pytest.approx([6.0, 2.0])
+        with pytest.raises(MethodNotApplicable, match="ReLU-family"):
+            attr_of(tiny_handle(model), x, method)
 
 
 @pytest.mark.parametrize("act", [nn.SiLU(), nn.GELU(), nn.Hardswish(), nn.Sigmoid()], ids=str)
@@ -164,8 +168,19 @@ def test_smooth_activations_keep_their_plain_gradient(act: nn.Module) -> None:
     xg = x.clone().requires_grad_(True)
     (plain,) = torch.autograd.grad(model(xg)[0, 0], xg)
     assert plain.abs().sum() > 0
-    for method in ("guided_backprop", "deconvnet"):
-        assert torch.equal(torch.tensor(attr_of(tiny_handle(model), x, method)), plain.flatten())
+    for rule in ("guided", "deconvnet"):
+        assert torch.equal(torch.tensor(ruled_gradient(model, x, rule)), plain.flatten())
+    for method in ("guided_backprop", "deconvnet"):  # only smooth activations: refused, not a plain gradient
+        with pytest.raises(MethodNotApplicable, match="ReLU-family"):
+            attr_of(tiny_handle(model), x, method)
+
+
+def ruled_gradient(model: nn.Module, x: Tensor, rule: RectifierRule) -> list[float]:
+    """The input gradient of output 0 under ``rule`` (the rule itself, without the engine)."""
+    xg = x.clone().requires_grad_(True)
+    with backward_rule(rule):
+        (g,) = torch.autograd.grad(model(xg)[0, 0], xg)
+    return g.flatten().tolist()
 
 
 # ------------------------------------------------------------------------------------------------
