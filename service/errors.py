@@ -159,6 +159,13 @@ class NotReady(SaliencyError):
     title = "Not ready"
 
 
+class ModelUnavailable(NotReady):
+    """A configured model that failed to load or warm up: the others serve, this one answers 503."""
+
+    code = "model-unavailable"
+    title = "Model unavailable"
+
+
 class JobNotFound(NotFound):
     code = "job-not-found"
     title = "Job not found"

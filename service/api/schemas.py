@@ -11,16 +11,45 @@ class Schema(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ModelError(Schema):
+    """Why a model is unavailable: a problem object (RFC 9457), never internals."""
+
+    type: str = Field(examples=["urn:saliency:problem:model-load-error"])
+    title: str
+    status: int
+    detail: str
+
+
 class ModelInfo(Schema):
     name: str
     source: Literal["builtin", "torchvision", "timm", "torchscript"]
     architecture: str
-    num_classes: int
-    input_size: list[int] = Field(description="[C, H, W]")
+    num_classes: int | None = Field(description="null only for a model that failed to load")
+    input_size: list[int] | None = Field(description="[C, H, W]; null only for a model that failed to load")
     device: str = Field(examples=["cpu", "cuda:0"])
     target_layer: str | None = Field(description="dotted module name CAM methods use by default")
     methods: list[str] = Field(description="names of the methods that work on this model")
     ready: bool
+    error: ModelError | None = Field(
+        None, description="while a model that failed to load or warm up is unavailable: why"
+    )
+
+
+class LayerInfo(Schema):
+    name: str = Field(description="dotted module name, for the `layer` parameter")
+    type: str = Field(description="the module's class")
+    layout: Literal["nchw", "nhwc", "tokens"] = Field(
+        description="how its output reads as a map: channels first, channels last, or a token sequence"
+    )
+    shape: list[int] = Field(description="[C, h, w] after the layout is undone")
+    prefix_tokens: int = Field(
+        description="tokens dropped before the patch grid (class, distillation, register)"
+    )
+    default: bool = Field(description="the layer CAM methods use when `layer` is not given")
+
+
+class LayerList(Schema):
+    layers: list[LayerInfo]
 
 
 class ModelList(Schema):

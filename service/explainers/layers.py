@@ -187,8 +187,11 @@ class LayerTable:
         why = self.refused.get(name)
         raise UnknownLayer(name, self.names(), usable=True, reason=why)
 
-    def describe(self) -> list[dict[str, object]]:
-        return [info.describe(info.name == self.default) for info in self.layers]
+    def describe(self, default: str | None = None) -> list[dict[str, object]]:
+        """Every usable layer; ``default`` (the model's configured layer, else the measured one)
+        is marked."""
+        chosen = default or self.default
+        return [info.describe(info.name == chosen) for info in self.layers]
 
 
 def _inside_attention(name: str, attention: list[str]) -> bool:

@@ -20,6 +20,8 @@ from service.config import Settings
 from service.errors import (
     ConfigError,
     ModelLoadError,
+    ModelUnavailable,
+    SaliencyError,
     TargetOutOfRange,
     UnknownLayer,
     UnknownModel,
@@ -129,7 +131,12 @@ class LoadedModel:
             "target_layer": self.handle.target_layer,
             "methods": self.methods(),
             "ready": self.ready,
+            "error": None,
         }
+
+    def layers(self) -> list[dict[str, Any]]:
+        """The layers CAM methods can use on this model (``GET /v1/models/{model}/layers``)."""
+        return self.handle.layers().describe(self.handle.target_layer)
 
     def preprocess(self, image: Image.Image) -> tuple[Tensor, Geometry]:
         """The model's normalised (C, H, W) float32 input for ``image`` (CPU) and its geometry."""
@@ -268,41 +275,128 @@ def _check_layers(spec: ModelSpec, handle: ModelHandle) -> None:
 # ------------------------------------------------------------------------------------------------
 # the registry
 # ------------------------------------------------------------------------------------------------
-class ModelRegistry:
-    """Every configured model by name, in configuration order."""
+@dataclass(eq=False)
+class FailedModel:
+    """A configured model that could not be loaded or warmed up, and why (a problem, no internals)."""
 
-    def __init__(self, models: list[LoadedModel]) -> None:
+    spec: ModelSpec
+    code: str
+    title: str
+    detail: str
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @classmethod
+    def of(cls, spec: ModelSpec, exc: BaseException) -> FailedModel:
+        if isinstance(exc, SaliencyError):
+            return cls(spec, exc.code, exc.title, exc.message)
+        return cls(spec, "model-load-error", "Model load error", f"{type(exc).__name__} (see the server log)")
+
+    def error(self) -> ModelUnavailable:
+        return ModelUnavailable(f"model {self.name!r} is unavailable: {self.detail}")
+
+    def info(self) -> dict[str, Any]:
+        """``ModelInfo`` with ``ready: false`` and the ``error`` problem."""
+        spec = self.spec
+        return {
+            "name": spec.name,
+            "source": spec.source,
+            "architecture": spec.architecture or spec.name,
+            "num_classes": spec.num_classes,
+            "input_size": list(spec.input_size) if spec.input_size else None,
+            "device": spec.device or "",
+            "target_layer": spec.target_layer,
+            "methods": [],
+            "ready": False,
+            "error": {
+                "type": PROBLEM_PREFIX + self.code,
+                "title": self.title,
+                "status": 503,
+                "detail": self.detail,
+            },
+        }
+
+
+PROBLEM_PREFIX = "urn:saliency:problem:"
+
+
+class ModelRegistry:
+    """Every configured model by name, in configuration order; those that failed to load or warm
+    up are kept apart (``failed``): listed, answered with 503, never taking the others down."""
+
+    def __init__(self, models: list[LoadedModel], failed: list[FailedModel] | None = None) -> None:
         self._models: dict[str, LoadedModel] = {}
-        for model in models:
-            if model.name in self._models:
-                raise ConfigError(f"model name {model.name!r} is configured twice")
-            self._models[model.name] = model
+        self._failed: dict[str, FailedModel] = {}
+        self._order: list[str] = []
+        entries: list[LoadedModel | FailedModel] = [*models, *(failed or [])]
+        for entry in entries:
+            if entry.name in self._order:
+                raise ConfigError(f"model name {entry.name!r} is configured twice")
+            self._order.append(entry.name)
+            if isinstance(entry, FailedModel):
+                self._failed[entry.name] = entry
+            else:
+                self._models[entry.name] = entry
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ModelRegistry:
-        """The models of ``settings.models_config``, or the builtin default model without one."""
+        """The models of ``settings.models_config``, or the builtin default model without one. A
+        model that fails to load is kept as failed; the others serve."""
         if settings.models_config is not None:
             specs = load_config(settings.models_config)
         else:
             specs = [ModelSpec(name=DEFAULT_MODEL, source="builtin")]
-        return cls.from_specs(specs, device=settings.device)
+        return cls.from_specs(specs, device=settings.device, isolate=True)
 
     @classmethod
-    def from_specs(cls, specs: list[ModelSpec], *, device: str = "auto") -> ModelRegistry:
-        """Load each spec on its own device, else on ``device``."""
+    def from_specs(
+        cls, specs: list[ModelSpec], *, device: str = "auto", isolate: bool = False
+    ) -> ModelRegistry:
+        """Load each spec on its own device, else on ``device``. ``isolate``: a model that fails to
+        load is recorded as failed (logged) instead of failing the whole registry."""
         check_unique(specs)
         if not specs:
             raise ConfigError("no models configured")
-        return cls([load_model(spec, resolve_device(spec.device or device)) for spec in specs])
+        loaded: list[LoadedModel] = []
+        failed: list[FailedModel] = []
+        for spec in specs:
+            try:
+                loaded.append(load_model(spec, resolve_device(spec.device or device)))
+            except Exception as exc:
+                if not isolate:
+                    raise
+                log.exception("model %s failed to load; the other models serve", spec.name)
+                failed.append(FailedModel.of(spec, exc))
+        registry = cls(loaded, failed)
+        registry._order = [spec.name for spec in specs]
+        return registry
 
     def get(self, name: str) -> LoadedModel:
+        """The model; ``UnknownModel`` (404) for an unknown name, ``ModelUnavailable`` (503) for
+        one that failed to load or warm up."""
+        if name in self._failed:
+            raise self._failed[name].error()
         try:
             return self._models[name]
         except KeyError:
-            raise UnknownModel(name, self._models) from None
+            raise UnknownModel(name, self._order) from None
 
     def names(self) -> list[str]:
         return list(self._models)
+
+    def infos(self) -> list[dict[str, Any]]:
+        """``ModelInfo`` of every configured model, failed ones included, in configuration order."""
+        entries = {
+            **{n: m.info() for n, m in self._models.items()},
+            **{n: f.info() for n, f in self._failed.items()},
+        }
+        return [entries[n] for n in self._order]
+
+    def failures(self) -> dict[str, str]:
+        """Why each failed model is unavailable."""
+        return {n: f.detail for n, f in self._failed.items()}
 
     def __iter__(self) -> Iterator[LoadedModel]:
         return iter(list(self._models.values()))
@@ -315,8 +409,8 @@ class ModelRegistry:
 
     @property
     def ready(self) -> bool:
-        """Every model loaded and warmed up."""
-        return bool(self._models) and all(m.ready for m in self._models.values())
+        """Every configured model loaded and warmed up (a failed one keeps the service unready)."""
+        return bool(self._models) and not self._failed and all(m.ready for m in self._models.values())
 
     def mark_ready(self) -> None:
         """Declare every model ready without a warm-up (``SALIENCY_WARMUP=false``)."""
@@ -328,16 +422,29 @@ class ModelRegistry:
 
         A method that fails here is logged and withdrawn from that model's ``methods()``.
         """
-        for model in self._models.values():
+        for model in list(self._models.values()):
             started = time.perf_counter()
-            for name in warmup_plan(model):
+            try:
+                plan = warmup_plan(model)
+            except Exception as exc:  # the model's own probes fail: it cannot serve
+                log.exception("warm-up of %s failed; the model is unavailable", model.name)
+                self._fail(model, exc)
+                continue
+            for name in plan:
                 try:
                     explain(model.handle, model.example_input(), name, WARMUP_PARAMS, targets=WARMUP_TARGETS)
                 except Exception as exc:
                     log.exception("warm-up of %s on %s failed; the method is withdrawn", name, model.name)
                     model.failed_methods[name] = f"{type(exc).__name__}: {exc}"
+            if plan and not model.methods():
+                self._fail(model, ModelLoadError(f"every method failed its warm-up: {model.failed_methods}"))
+                continue
             model.ready = True
             log.info("warmed up %s in %.1f s", model.name, time.perf_counter() - started)
+
+    def _fail(self, model: LoadedModel, exc: BaseException) -> None:
+        del self._models[model.name]
+        self._failed[model.name] = FailedModel.of(model.spec, exc)
 
 
 def warmup_plan(model: LoadedModel) -> list[str]:

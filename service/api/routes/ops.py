@@ -25,11 +25,15 @@ async def healthz() -> Health:
 )
 async def readyz(services: ServicesDep) -> Response:
     registry = services.registry
-    models = {m.name: bool(m.ready) for m in registry} if registry is not None else {}
+    models = {info["name"]: bool(info["ready"]) for info in registry.infos()} if registry is not None else {}
+    failures = registry.failures() if registry is not None else {}
     if services.ready:
         return JSONResponse(Health(status="ok", models=models).model_dump())
     if services.load_error is not None:
         health = Health(status="failed", detail=services.load_error, models=models)
+    elif failures:
+        detail = "; ".join(f"model {name!r} is unavailable: {why}" for name, why in failures.items())
+        health = Health(status="failed", detail=detail, models=models)
     else:
         health = Health(status="loading", detail="models are loading or warming up", models=models)
     return JSONResponse(health.model_dump(), status_code=503, headers={"Retry-After": "2"})
