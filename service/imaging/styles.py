@@ -1,10 +1,11 @@
 """Drawing a shown map (``service.imaging.scale.Shown``) alone or over the image, in a style.
 
-The values are mapped from the model's resolution to the output's (``to_original`` with the
-request's geometry, or a scaled one for compare panels) and coloured there; contours are traced
-at the model's resolution and their coordinates scaled, so no step but the final pixel work grows
-with the upload's size. Pixel work is done by Pillow (palette lookups, blends, composites), which
-keeps a 12-megapixel overlay well under half a second.
+The values are mapped from the model's resolution to the output's (the request's geometry, or a
+scaled one for compare panels) as 8-bit planes (``levels``: table indices, RGB channels,
+opacities) and coloured there; contours are traced at the model's resolution and their
+coordinates scaled, so no step but the final pixel work grows with the upload's size. Pixel work
+is done by Pillow (upsampling, palette lookups, blends, composites), which keeps a 12-megapixel
+overlay well under half a second.
 
 Styles (``style``), each with ``alpha`` the opacity of what it draws:
 
@@ -28,7 +29,7 @@ from skimage.measure import find_contours
 
 from service.errors import InvalidParameter
 from service.imaging.geometry import Geometry, to_original
-from service.imaging.render import check_colormap, indices, lut
+from service.imaging.render import check_colormap, lut
 from service.imaging.scale import Shown
 
 RGB = "rgb"
@@ -52,35 +53,57 @@ def output_size(shown: Shown, geometry: Geometry | None) -> tuple[int, int]:
     return geometry.original_width, geometry.original_height
 
 
+def levels(v255: np.ndarray, geometry: Geometry | None) -> Image.Image:
+    """An (H, W) plane of values in [0, 255] at the model's resolution → an 8-bit image (``L``)
+    at the output's size.
+
+    When the output stretches the map over the whole upload and is larger in both directions,
+    Pillow upsamples the plane itself (its bilinear filter is ``to_original``'s there, to float
+    precision) and rounds it to bytes in C: no float array of the upload's size is made, which is
+    what keeps a 12-megapixel overlay fast. Otherwise ``to_original``, then NumPy.
+    """
+    plane = np.clip(np.asarray(v255, dtype=np.float32), 0.0, 255.0)
+    if geometry is None:
+        return Image.fromarray(np.rint(plane).astype(np.uint8), "L")
+    h, w = plane.shape
+    size = (geometry.original_width, geometry.original_height)
+    if geometry.resize == "stretch" and size[0] >= w and size[1] >= h:
+        return Image.fromarray(plane, "F").resize(size, Image.Resampling.BILINEAR).convert("L")
+    return Image.fromarray(np.rint(to_original(plane, geometry)).astype(np.uint8), "L")
+
+
 # ------------------------------------------------------------------------------------------------
 # colours
 # ------------------------------------------------------------------------------------------------
-def colour_layer(values: np.ndarray, colormap: str, signed: bool) -> Image.Image:
-    """The coloured values at their own size: a palette image of the colormap (``P``: cheap to
-    blend and to encode), or an RGB image for ``rgb`` ((3, H, W) values in [0, 1])."""
+def colour_layer(values: np.ndarray, colormap: str, signed: bool, geometry: Geometry | None) -> Image.Image:
+    """Shown values (model resolution) coloured at the output's size: a palette image of the
+    colormap (``P``: cheap to blend and to encode), or an RGB image for ``rgb`` ((3, H, W) values
+    in [0, 1])."""
     if colormap == RGB:
         if values.ndim != 3:
             raise InvalidParameter("colormap=rgb needs a per-channel attribution", field="colormap")
-        arr = np.rint(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
-        return Image.fromarray(np.ascontiguousarray(arr.transpose(1, 2, 0)), "RGB")
-    img = Image.fromarray(indices(values, signed), "P")
-    img.putpalette(lut(check_colormap(colormap)).tobytes())
+        return Image.merge("RGB", [levels(c * 255.0, geometry) for c in values])
+    table = lut(check_colormap(colormap))
+    v = np.nan_to_num(np.asarray(values, dtype=np.float32), nan=0.0)
+    index = (v + 1.0) * 127.5 if signed else v * 255.0  # the table index, as ``render.indices``
+    img = levels(index, geometry)
+    img.putpalette(table.tobytes())  # L → P: the bytes are the table's indices
     return img
 
 
 def picture(shown: Shown, colormap: str, geometry: Geometry | None) -> Image.Image:
     """The map alone, coloured, at the output's size (the ``png`` format)."""
-    return colour_layer(to_size(shown.values, geometry), colormap, shown.signed)
+    return colour_layer(shown.values, colormap, shown.signed, geometry)
 
 
-def _weights(values: np.ndarray, shown: Shown, alpha: float) -> Image.Image:
+def _weights(shown: Shown, alpha: float, geometry: Geometry | None) -> Image.Image:
     """``pixels``: each pixel's opacity (mode ``L``) from its shown value."""
+    values = shown.values
     if shown.rgb:
         strength = np.abs(2.0 * values - 1.0).max(axis=0) if shown.signed else values.max(axis=0)
     else:
         strength = np.abs(values)
-    w = np.rint(np.clip(strength, 0.0, 1.0) * (255.0 * alpha)).astype(np.uint8)
-    return Image.fromarray(w, "L")
+    return levels(np.clip(strength, 0.0, 1.0) * (255.0 * alpha), geometry)
 
 
 def _grey(image: Image.Image, brightness: float) -> Image.Image:
@@ -108,12 +131,11 @@ def draw(
     if base.size != output_size(shown, geometry):
         raise ValueError(f"the image is {base.size}, the output {output_size(shown, geometry)}")
     if style == "heatmap":
-        colours = colour_layer(to_size(shown.values, geometry), colormap, shown.signed).convert("RGB")
+        colours = colour_layer(shown.values, colormap, shown.signed, geometry).convert("RGB")
         return Image.blend(base, colours, float(alpha))
     if style == "pixels":
-        values = to_size(shown.values, geometry)
-        colours = colour_layer(values, colormap, shown.signed).convert("RGB")
-        return Image.composite(colours, _grey(base, PIXELS_BACKDROP), _weights(values, shown, alpha))
+        colours = colour_layer(shown.values, colormap, shown.signed, geometry).convert("RGB")
+        return Image.composite(colours, _grey(base, PIXELS_BACKDROP), _weights(shown, alpha, geometry))
     if style == "outlines":
         return outlines(base, shown, colormap=colormap, alpha=alpha, keep=keep, geometry=geometry)
     if style == "mask":
