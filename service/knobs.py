@@ -44,6 +44,9 @@ class Knob:
     request: bool = True
     #: a request that leaves it unset gets the server's configured value, not ``default``
     server_default: bool = False
+    #: a request that leaves it unset (``default`` is ``None``) gets the method's own default,
+    #: resolved once the method is known (the rendering defaults of ``GET /v1/methods``)
+    method_default: bool = False
 
     @property
     def nullable(self) -> bool:
@@ -74,8 +77,11 @@ def knob(
     choices: tuple[str, ...] | None = None,
     request: bool = True,
     server_default: bool = False,
+    method_default: bool = False,
 ) -> Any:
     """A dataclass field declaring one parameter (see the module docstring)."""
+    if method_default and default is not None:
+        raise ValueError("a parameter with a per-method default declares None as its default")
     spec = {
         "doc": doc,
         "ge": ge,
@@ -84,6 +90,7 @@ def knob(
         "choices": choices,
         "request": request,
         "server_default": server_default,
+        "method_default": method_default,
     }
     return field(default=default, metadata={"knob": spec})
 

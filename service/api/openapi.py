@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from service.api.options import RequestOptions, field_order
 from service.api.responses import resolved_parameters
 from service.api.schemas import Problem
-from service.explainers import ExplainParams, Targets
+from service.explainers import ExplainParams, Targets, get_method
 from service.imaging.options import RenderParams
 
 # the order of a route's fields in its schemas: the route's own, the targets, then the engine's and
@@ -136,8 +136,7 @@ EXPLAIN_EXAMPLE: dict[str, Any] = {
         "gradcam",
         Targets.top(1),
         ExplainParams(layer="bn2", seed=1234),
-        RenderParams(),
-        signed=False,
+        RenderParams().resolve(get_method("gradcam").rendering),
         fmt="json",
     ),
     "elapsed_ms": 61.2,

@@ -6,6 +6,10 @@ callers run it in a worker thread (``starlette.concurrency.run_in_threadpool``).
 - ``resolution=original`` maps each map back onto the uploaded image (``to_original``: for
   ``center_crop`` the border the model never saw is zero); ``model`` keeps the input size.
 - PNG/overlay show one image's first target; headers name the target, its score and the time.
+  They draw the map as the rendering parameters say, resolved for the method
+  (``RenderParams.resolve`` with ``Method.rendering``): polarity, smoothing and percentile
+  clipping at the model's resolution (``service.imaging.scale``), then colours and style at the
+  output's (``service.imaging.styles``).
 - JSON rounds floats to about five significant digits of the map's peak; heatmaps stay NumPy
   arrays in the body dicts and are written by orjson (``json_response``), which is some twenty
   times faster than ``json`` on a 300×450 map. npy is float32, raw (not normalised), stacked
@@ -16,7 +20,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 from urllib.parse import quote
 
@@ -29,8 +32,11 @@ from service.api.pipeline import Prepared
 from service.errors import InvalidParameter
 from service.explainers import ExplainParams, Explanation, Targets
 from service.imaging.geometry import Geometry, to_original
+from service.imaging.grid import tile_size
 from service.imaging.options import MEDIA_TYPES, RenderParams
-from service.imaging.render import heatmap_png, normalize, overlay_image, overlay_png, rounded, to_npy
+from service.imaging.render import encode_png, normalize, rounded, to_npy
+from service.imaging.scale import Shown, shown
+from service.imaging.styles import RGB, draw, picture
 from service.models.registry import LoadedModel
 
 
@@ -66,15 +72,61 @@ def backdrop(item: Prepared, render: RenderParams) -> Image.Image:
     return item.image if render.resolution == "original" else model_view(item)
 
 
+def output_geometry(item: Prepared, render: RenderParams) -> Geometry | None:
+    """How the model-resolution map reaches the output: the upload's geometry, or none
+    (``resolution=model``: the output is the model's input size)."""
+    return item.geometry if render.resolution == "original" else None
+
+
+def shown_map(expl: Explanation, i: int, k: int, render: RenderParams) -> Shown:
+    """Image ``i``, target ``k`` made ready to draw, at the model's resolution: polarity,
+    smoothing and clipping as ``render`` (resolved) says; ``colormap=rgb``: the per-channel
+    attribution as an RGB image."""
+    assert render.resolved, "resolve the rendering parameters for the method first"
+    assert render.polarity is not None and render.clip_lower is not None
+    assert render.clip_upper is not None and render.smooth is not None
+    channels = None
+    if render.colormap == RGB:
+        if expl.attributions is None:
+            raise InvalidParameter(
+                f"colormap=rgb shows a per-channel attribution (gradient and path methods); "
+                f"{expl.method} only makes a map",
+                field="colormap",
+            )
+        channels = expl.attributions[i, k].numpy()
+    return shown(
+        expl.maps[i, k].numpy(),
+        polarity=render.polarity,
+        lower=render.clip_lower,
+        upper=render.clip_upper,
+        sigma=render.smooth,
+        channels=channels,
+    )
+
+
+def drawn(image: Image.Image, s: Shown, geometry: Geometry | None, render: RenderParams) -> Image.Image:
+    """``s`` drawn over ``image`` (at the output's size) in the request's style."""
+    assert render.style is not None and render.colormap is not None and render.alpha is not None
+    return draw(
+        image,
+        s,
+        style=render.style,
+        colormap=render.colormap,
+        alpha=render.alpha,
+        keep=render.keep,
+        geometry=geometry,
+    )
+
+
 # ------------------------------------------------------------------------------------------------
 # JSON
 # ------------------------------------------------------------------------------------------------
 def resolved_parameters(
-    method: str, targets: Targets, params: ExplainParams, render: RenderParams, *, signed: bool, fmt: str
+    method: str, targets: Targets, params: ExplainParams, render: RenderParams, *, fmt: str
 ) -> dict[str, Any]:
     """Every request parameter as it was applied, defaults and drawn values included: each part
-    echoes its own declaration (targets, engine, rendering)."""
-    return {"method": method, **targets.echo(), **params.requested(), **render.echo(signed=signed, fmt=fmt)}
+    echoes its own declaration (targets, engine, rendering resolved for the method)."""
+    return {"method": method, **targets.echo(), **params.requested(), **render.echo(fmt=fmt)}
 
 
 def explanation_item(
@@ -132,9 +184,7 @@ def explain_body(
     return {
         "model": model.name,
         "method": expl.method,
-        "parameters": resolved_parameters(
-            expl.method, targets, expl.params, render, signed=expl.signed, fmt=fmt
-        ),
+        "parameters": resolved_parameters(expl.method, targets, expl.params, render, fmt=fmt),
         "elapsed_ms": round(elapsed_ms, 1),
         "explanations": entries,
     }
@@ -169,21 +219,29 @@ def header_text(text: str) -> str:
 
 
 def png_bytes(expl: Explanation, item: Prepared, i: int, render: RenderParams, *, overlay: bool) -> bytes:
-    """The heatmap (or overlay) PNG of image ``i``'s first target."""
+    """The PNG of image ``i``'s first target: the coloured map alone, or drawn over the image."""
     if render.reduction == "none":
         raise InvalidParameter("reduction=none needs format=json or npy", field="reduction")
-    m = heatmap(expl, i, 0, item.geometry, render)
-    colormap = render.colormap_for(expl.signed)
+    s = shown_map(expl, i, 0, render)
+    geometry = output_geometry(item, render)
+    assert render.colormap is not None
     if overlay:
-        return overlay_png(backdrop(item, render), m, colormap, render.alpha, expl.signed)
-    return heatmap_png(m, colormap, expl.signed)
+        return encode_png(drawn(backdrop(item, render), s, geometry, render))
+    return encode_png(picture(s, render.colormap, geometry))
 
 
-def overlay_panel(expl: Explanation, item: Prepared, render: RenderParams) -> Image.Image:
-    """Image 0's first-target overlay as a picture (a compare grid panel)."""
-    m = heatmap(expl, 0, 0, item.geometry, replace(render, reduction="default"))
-    return overlay_image(
-        backdrop(item, render), m, render.colormap_for(expl.signed), render.alpha, expl.signed
+def panel(
+    expl: Explanation, item: Prepared, k: int, render: RenderParams, *, tile: Image.Image
+) -> Image.Image:
+    """Image 0's target ``k`` drawn over ``tile`` (the upload scaled to a compare panel)."""
+    geometry = item.geometry.scaled(*tile.size)
+    return drawn(tile, shown_map(expl, 0, k, render), geometry, render)
+
+
+def panel_image(item: Prepared) -> Image.Image:
+    """The upload scaled to a compare panel (its aspect ratio kept)."""
+    return item.image.convert("RGB").resize(
+        tile_size(item.image.width, item.image.height), Image.Resampling.BILINEAR
     )
 
 

@@ -62,6 +62,10 @@ class MethodInfo(Schema):
     description: str
     paper: str = Field(description="URL of the paper")
     parameters: dict[str, Any] = Field(description="JSON Schema of the method's parameters")
+    rendering: dict[str, Any] = Field(
+        description="how its maps are shown unless a request says otherwise: the rendering "
+        "parameters' defaults for this method, as its paper's figures show them",
+    )
 
 
 class MethodList(Schema):

@@ -30,6 +30,7 @@ from service.errors import (
     UnknownLayer,
     UnknownMethod,
 )
+from service.explainers.figures import CAM_HEATMAP, Figure
 from service.explainers.layers import (
     NCHW,
     LayerTable,
@@ -353,6 +354,9 @@ class Method(ABC):
     #: those logits and targets in its ``Attribution``: the engine then runs no scoring pass of
     #: its own for top-1 or explicit targets.
     picks_targets: ClassVar[bool] = False
+    #: how its maps are shown unless a request says otherwise: the rendering parameters' defaults,
+    #: as its paper's figures show them (a preset of ``service.explainers.figures``)
+    rendering: ClassVar[Figure] = CAM_HEATMAP
 
     @property
     def needs_layer(self) -> bool:

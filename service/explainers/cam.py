@@ -17,17 +17,23 @@ import torch
 from torch import Tensor
 
 from service.explainers.base import Attribution, Gradient, Method, Need, RunContext, register
+from service.explainers.figures import CAM_HEATMAP
 from service.explainers.hooks import capture
 from service.explainers.targets import choose
 
 
 class GradientCam(Method):
-    """Shared engine: one forward to the logits, one backward to the target layer, then ``combine``."""
+    """Shared engine: one forward to the logits, one backward to the target layer, then ``combine``.
+
+    Shown by default as the papers of the family draw it (``figures.CAM_HEATMAP``): the map in jet
+    over the photo, min–max scaled.
+    """
 
     family = "cam"
     needs: ClassVar[frozenset[Need]] = frozenset({"gradients", "hooks", "layer"})
     picks_targets = True
     uses: ClassVar[frozenset[str]] = frozenset({"layer", "batch_size", "autocast"})
+    rendering = CAM_HEATMAP
 
     def attribute(self, ctx: RunContext, x: Tensor, targets: Tensor) -> Attribution:
         passes = [self._chunk(ctx, x[sl], targets[sl]) for sl in ctx.chunks(x.shape[0])]
@@ -81,6 +87,7 @@ class GradCam(GradientCam):
     """Grad-CAM (Selvaraju et al., ICCV 2017, https://arxiv.org/abs/1610.02391).
 
     α_k = mean over positions of ∂y_c/∂A_k; map = ReLU(Σ_k α_k A_k), y_c the pre-softmax logit.
+    Shown by default as in the paper's Fig. 1(c, i): jet over the photo, min–max scaled.
     """
 
     name = "gradcam"
@@ -109,6 +116,8 @@ class GradCamPlusPlus(GradientCam):
     left out, as in the authors' code and pytorch-grad-cam. α is set to 0 where its denominator is 0
     (there g = 0, or ΣA·g = −2); pytorch-grad-cam instead adds 1e-6 to every denominator, which
     changes the result noticeably when gradients are small (g² ~ 1e-6).
+
+    Shown by default as in the paper's Fig. 1 (explanation maps): jet over the photo, min–max scaled.
     """
 
     name = "gradcam_pp"
@@ -130,6 +139,8 @@ class XGradCam(GradientCam):
     w_k = Σ_xy (A_k(x,y) / Σ_x'y' A_k(x',y')) · ∂y_c/∂A_k(x,y), map = ReLU(Σ_k w_k A_k) (the ReLU as in
     the authors' code). Deviation: a channel whose activations sum to exactly 0 gets weight 0; the
     authors' code adds 1e-6 (pytorch-grad-cam 1e-7) to every denominator instead.
+
+    Shown by default as the paper's visual comparisons: jet over the photo, min–max scaled.
     """
 
     name = "xgradcam"
@@ -145,6 +156,7 @@ class LayerCam(GradientCam):
     """LayerCAM (Jiang et al., IEEE TIP 2021, https://doi.org/10.1109/TIP.2021.3089943).
 
     Per-position weights: map(x,y) = ReLU(Σ_k ReLU(∂y_c/∂A_k(x,y)) · A_k(x,y)). No deviation.
+    Shown by default as the paper's layer-by-layer figures: jet over the photo, min–max scaled.
     """
 
     name = "layercam"
@@ -163,6 +175,8 @@ class HiResCam(GradientCam):
     instead of being averaged first. The final ReLU is the one the authors apply before display
     (their ``clip_and_norm_volume``). On a GAP + linear head the gradient is constant over positions,
     so HiResCAM equals Grad-CAM there (and ReLU(CAM) / (h·w)).
+
+    Shown by default as the paper's figures beside Grad-CAM: jet over the image, min–max scaled.
     """
 
     name = "hirescam"

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from service.errors import MethodNotApplicable
 from service.explainers.base import Attribution, Method, ModelHandle, Need, RunContext, register
+from service.explainers.figures import CAM_HEATMAP
 from service.explainers.hooks import capture
 from service.explainers.layers import NCHW, LayerView, get_layer
 from service.explainers.params import ExplainParams
@@ -118,6 +119,9 @@ class Cam(Method):
 
     Only for GAP + linear heads (see ``detect_head``); any other model raises ``MethodNotApplicable``
     before any work, suggesting ``gradcam``.
+
+    Shown by default as in the paper's Fig. 3: the map in jet over the photo, min–max scaled; of
+    the signed map, its positive part (the class evidence the figures highlight).
     """
 
     name = "cam"
@@ -126,6 +130,7 @@ class Cam(Method):
     paper = "https://arxiv.org/abs/1512.04150"
     uses: ClassVar[frozenset[str]] = frozenset({"layer", "batch_size", "autocast"})
     signed = True
+    rendering = CAM_HEATMAP
     needs: ClassVar[frozenset[Need]] = frozenset({"hooks", "layer"})
 
     def check(self, handle: ModelHandle, params: ExplainParams) -> None:

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from service.explainers.base import Attribution, Method, Need, RunContext, register
 from service.explainers.cam import distinct_images
+from service.explainers.figures import CAM_HEATMAP
 from service.explainers.hooks import capture
 
 
@@ -26,6 +27,8 @@ class EigenCam(Method):
     the projection is ReLU'd. The sign of a singular vector is arbitrary (pytorch-grad-cam keeps
     whatever LAPACK returns); here it is fixed: v₁ is oriented so its loadings sum to ≥ 0, which
     is the same as making the map correlate positively with the total activation Σ_k A_k.
+
+    Shown by default as the paper's figures: the map in jet over the photo, min–max scaled.
     """
 
     name = "eigencam"
@@ -34,6 +37,7 @@ class EigenCam(Method):
     paper = "https://arxiv.org/abs/2008.00299"
     uses: ClassVar[frozenset[str]] = frozenset({"layer", "batch_size", "autocast"})
     needs: ClassVar[frozenset[Need]] = frozenset({"hooks", "layer"})
+    rendering = CAM_HEATMAP
 
     def attribute(self, ctx: RunContext, x: Tensor, targets: Tensor) -> Attribution:
         assert ctx.layer is not None

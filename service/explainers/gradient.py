@@ -18,6 +18,7 @@ from torch import Tensor
 
 from service.explainers.base import Attribution, Method, Need, RunContext, register
 from service.explainers.cam import GradCam, layer_gradients
+from service.explainers.figures import GRADIENT_MAGNITUDE, RGB_GRADIENT, SIGNED_ATTRIBUTION
 from service.explainers.params import ExplainParams
 from service.explainers.rectifiers import RectifierRule, backward_rule
 
@@ -83,12 +84,16 @@ class Saliency(InputGradientMethod):
 
     Attribution = |∂y_c/∂x| per channel (as Captum's ``Saliency(abs=True)``); map = its maximum
     over channels, as in the paper. y_c is the pre-softmax logit. Unsigned.
+
+    Shown by default as the magnitude map of the paper's Fig. 2, capped at its 99th percentile (as
+    SmoothGrad does), in bright pixels over the photo in grey (``figures.GRADIENT_MAGNITUDE``).
     """
 
     name = "saliency"
     description = "Magnitude of the target logit's gradient with respect to each pixel."
     paper = "https://arxiv.org/abs/1312.6034"
     reduction = "max"
+    rendering = GRADIENT_MAGNITUDE
 
     def combine(self, x: Tensor, grad: Tensor) -> Tensor:
         return grad.abs()
@@ -100,12 +105,16 @@ class InputXGradient(InputGradientMethod):
 
     Attribution = x ⊙ ∂y_c/∂x (signed, x in the model's normalised input space, as in Captum's
     ``InputXGradient``); map = sum over channels.
+
+    Shown by default with both signs, red for and blue against the class, clipped at the 99th
+    percentile of |map|, as DeepLIFT's figures colour contributions (``figures.SIGNED_ATTRIBUTION``).
     """
 
     name = "input_x_gradient"
     description = "Input times the target logit's gradient: each pixel's first-order contribution."
     paper = "https://arxiv.org/abs/1605.01713"
     signed = True
+    rendering = SIGNED_ATTRIBUTION
 
     def combine(self, x: Tensor, grad: Tensor) -> Tensor:
         return x * grad
@@ -119,12 +128,16 @@ class GuidedBackprop(InputGradientMethod):
     (ReLU6: also [x < 6]); see ``service.explainers.rectifiers`` for which calls are rectified and
     for the rule at smooth activations (plain gradient). Unlike Captum, functional ReLUs and ReLU6
     are rectified too. Attribution signed; map = sum over channels.
+
+    Shown by default as the paper's reconstructions: the gradient as an RGB image, zero-centred
+    per image, scaled and clipped (``colormap=rgb``, ``figures.RGB_GRADIENT``).
     """
 
     name = "guided_backprop"
     description = "Gradient with only positive signals passed back through each ReLU."
     paper = "https://arxiv.org/abs/1412.6806"
     signed = True
+    rendering = RGB_GRADIENT
     needs: ClassVar[frozenset[Need]] = frozenset({"gradients", "python_forward", "rectifiers"})
     rectifier = "guided"
 
@@ -136,12 +149,16 @@ class Deconvnet(InputGradientMethod):
     Every rectifier passes back max(∂out, 0), ignoring its forward mask (ReLU6: the upper clip is
     ignored too); the rest of the network backpropagates normally, as in Springenberg et al.'s
     formulation and Captum's ``Deconvolution``. Attribution signed; map = sum over channels.
+
+    Shown by default as the paper's Fig. 2: the reconstruction as an RGB image, zero-centred,
+    scaled and clipped (``colormap=rgb``, ``figures.RGB_GRADIENT``).
     """
 
     name = "deconvnet"
     description = "Deconvolution: rectified gradients passed back through each ReLU, ignoring its input."
     paper = "https://arxiv.org/abs/1311.2901"
     signed = True
+    rendering = RGB_GRADIENT
     needs: ClassVar[frozenset[Need]] = frozenset({"gradients", "python_forward", "rectifiers"})
     rectifier = "deconvnet"
 
@@ -154,6 +171,9 @@ class GuidedGradCam(PixelMethod):
     (Captum's ``GuidedGradCam`` upsamples by nearest neighbour by default). Two passes per pair:
     one guided input gradient, one plain gradient down to the target layer. Attribution signed
     (per channel); map = sum over channels.
+
+    Shown by default as the paper's Fig. 1(d, j): an RGB image of the per-channel attribution
+    (``colormap=rgb``, ``figures.RGB_GRADIENT``).
     """
 
     name = "guided_gradcam"
@@ -161,6 +181,7 @@ class GuidedGradCam(PixelMethod):
     description = "Guided Backprop masked by the bilinearly upsampled Grad-CAM map."
     paper = "https://arxiv.org/abs/1610.02391"
     signed = True
+    rendering = RGB_GRADIENT
     needs: ClassVar[frozenset[Need]] = GradCam.needs | GuidedBackprop.needs
     uses: ClassVar[frozenset[str]] = frozenset({"layer", "batch_size", "autocast"})
 

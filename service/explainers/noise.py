@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from service.explainers.base import Attribution, Method, ModelHandle, RunContext, register
+from service.explainers.figures import GRADIENT_MAGNITUDE
 from service.explainers.gradient import PixelMethod, Saliency
 from service.explainers.params import ExplainParams
 from service.explainers.path import IntegratedGradients
@@ -176,6 +177,9 @@ class SmoothGrad(NoiseTunnel):
     Attribution = mean over noisy copies of |∂y_c/∂x| per channel (Captum's
     ``NoiseTunnel(Saliency)`` with ``nt_type="smoothgrad"`` and ``abs=True``); map = max over
     channels. σ relative to the input's range as in the paper (Captum takes an absolute stdev).
+
+    Shown by default as the paper's figures: the magnitude capped at its 99th percentile, in
+    bright pixels over the photo in grey (``figures.GRADIENT_MAGNITUDE``).
     """
 
     name = "smoothgrad"
@@ -184,6 +188,7 @@ class SmoothGrad(NoiseTunnel):
     paper = "https://arxiv.org/abs/1706.03825"
     inner = Saliency()
     signed = Saliency.signed
+    rendering = GRADIENT_MAGNITUDE
     uses = Saliency.uses | NOISE_USES
 
 
@@ -194,6 +199,9 @@ class SmoothIntegratedGradients(NoiseTunnel):
     Each noisy copy is explained by ``integrated_gradients`` with the request's baseline, rule and
     steps; the ``blur`` baseline is the blur of that noisy copy, the other baselines do not depend
     on the input. ``delta`` = mean of the per-copy completeness deltas.
+
+    Shown by default as the paper's Smooth IG figures: the absolute attribution capped at its 99th
+    percentile, in bright pixels over the photo in grey (``figures.GRADIENT_MAGNITUDE``).
     """
 
     name = "smooth_ig"
@@ -202,4 +210,5 @@ class SmoothIntegratedGradients(NoiseTunnel):
     paper = "https://arxiv.org/abs/1706.03825"
     inner = IntegratedGradients()
     signed = IntegratedGradients.signed
+    rendering = GRADIENT_MAGNITUDE
     uses = IntegratedGradients.uses | NOISE_USES

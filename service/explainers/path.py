@@ -29,6 +29,7 @@ from torch import Tensor
 
 from service.errors import InvalidParameter
 from service.explainers.base import Attribution, ModelHandle, RunContext, register
+from service.explainers.figures import POSITIVE_ATTRIBUTION
 from service.explainers.gradient import EMPTY, PixelMethod
 from service.explainers.params import ExplainParams
 from service.explainers.targets import choose
@@ -154,6 +155,10 @@ class IntegratedGradients(PixelMethod):
     channels, so the map's total is Σ IG = f(x) − f(x') + delta). Baselines: see ``make_baseline``;
     rules: see ``integration_rule`` (the trapezoid weights sum to 1, unlike Captum's). Passes per
     pair: ``steps`` forward+backward passes plus the 2 endpoint forwards of the delta.
+
+    Shown by default as the authors draw it (the paper's Fig. 2 and their visualisation library):
+    the positive attributions, clipped at a high percentile, as coloured pixels over the photo in
+    grey (``figures.POSITIVE_ATTRIBUTION``).
     """
 
     name = "integrated_gradients"
@@ -161,6 +166,7 @@ class IntegratedGradients(PixelMethod):
     description = "Gradients integrated along the straight path from a baseline image to the input."
     paper = "https://arxiv.org/abs/1703.01365"
     signed = True
+    rendering = POSITIVE_ATTRIBUTION
     picks_targets = True
     uses: ClassVar[frozenset[str]] = frozenset(
         {"steps", "baseline", "rule", "seed", "batch_size", "autocast"}

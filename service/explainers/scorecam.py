@@ -10,6 +10,7 @@ from torch import Tensor
 
 from service.explainers.base import Attribution, Method, Need, RunContext, register
 from service.explainers.cam import distinct_images
+from service.explainers.figures import CAM_HEATMAP
 from service.explainers.hooks import capture
 from service.explainers.params import ExplainParams
 
@@ -36,6 +37,8 @@ class ScoreCam(Method):
     channels* of the raw target logits, upsamples with align_corners=True, and keeps constant
     channels with an all-zero mask. Its weights match ours up to a positive per-image factor only
     when its target is the log-probability log softmax(f(·))_c; the tests compare on that basis.
+
+    Shown by default as in the paper's Fig. 1: the map in jet over the photo, min–max scaled.
     """
 
     name = "scorecam"
@@ -45,6 +48,7 @@ class ScoreCam(Method):
     paper = "https://arxiv.org/abs/1910.01279"
     uses: ClassVar[frozenset[str]] = frozenset({"layer", "batch_size", "autocast"})
     needs: ClassVar[frozenset[Need]] = frozenset({"hooks", "layer"})
+    rendering = CAM_HEATMAP
 
     def passes(self, params: ExplainParams) -> int:
         """Nominal 1 + ``NOMINAL_CHANNELS``; ``attribute`` corrects the total once it sees the layer."""

@@ -1,18 +1,17 @@
 """Images in, maps out: decoding uploads (limits, EXIF, colour modes), the geometry between the
-upload and the model input, and rendering (colormaps, overlays, PNG, ``.npy``, JSON lists)."""
+upload and the model input, and rendering: values shown (``scale``: polarity, clipping,
+smoothing, RGB), styles over the image (``styles``), colormaps, PNG, ``.npy`` and JSON lists
+(``render``), the comparison grid (``grid``)."""
 
 from service.imaging.decode import decode_image, decode_upload
 from service.imaging.geometry import Geometry, preprocess, to_original
+from service.imaging.grid import compare_grid
 from service.imaging.options import MEDIA_TYPES, RenderParams
 from service.imaging.render import (
     COLORMAPS,
     colorize,
-    compare_grid,
     encode_png,
-    heatmap_png,
     normalize,
-    overlay_image,
-    overlay_png,
     rounded,
     to_npy,
 )
@@ -27,10 +26,7 @@ __all__ = [
     "decode_image",
     "decode_upload",
     "encode_png",
-    "heatmap_png",
     "normalize",
-    "overlay_image",
-    "overlay_png",
     "preprocess",
     "rounded",
     "to_npy",

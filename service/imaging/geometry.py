@@ -13,7 +13,7 @@ that is the preprocessing the default model's reference figures were measured wi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -43,6 +43,17 @@ class Geometry:
     def original_size(self) -> tuple[int, int]:
         """(height, width) of the uploaded image."""
         return self.original_height, self.original_width
+
+    def scaled(self, width: int, height: int) -> Geometry:
+        """The same mapping onto the upload shown at width×height (a compare panel)."""
+        sx, sy = width / self.original_width, height / self.original_height
+        left, top, right, bottom = self.crop_box
+        return replace(
+            self,
+            original_width=width,
+            original_height=height,
+            crop_box=(left * sx, top * sy, right * sx, bottom * sy),
+        )
 
 
 def crop_box(

@@ -1,12 +1,15 @@
-"""Maps → pictures and arrays: normalisation, colormaps, overlays, PNG, ``.npy``, JSON values.
+"""Maps → colours and bytes: normalisation, colormaps, PNG, ``.npy``, JSON values.
 
 Colormaps come from the ``cmap`` package (its catalogue carries matplotlib's, MATLAB's and
 Google's maps); each is sampled once into a 256-entry lookup table. ``diverging`` (ColorBrewer
-RdBu, reversed: blue < 0, white at 0, red > 0) is for signed attributions, whose normalised
-values lie in [-1, 1] with zero in the middle of the table.
+RdBu, reversed: blue < 0, white at 0, red > 0) is for signed attributions, whose shown values lie
+in [-1, 1] with zero in the middle of the table. ``rgb`` is no table: the per-channel attribution
+is its own colour (``service.imaging.scale.rgb_image``). What is shown and how it is drawn over
+the image live in ``scale`` and ``styles``; the comparison grid in ``grid``.
 
 PNGs are written with zlib level 1: a heatmap compresses well at that level and encoding stays a
-few milliseconds, so it never dominates a Grad-CAM request.
+few milliseconds, so it never dominates a Grad-CAM request; maps alone are palette PNGs
+(``styles.picture``), a third of the bytes of RGB to compress.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ from functools import lru_cache
 from typing import Any, Literal
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from service.errors import InvalidParameter
 
-COLORMAPS: tuple[str, ...] = ("jet", "turbo", "viridis", "inferno", "magma", "gray", "diverging")
+#: every ``colormap`` value: the catalogue's tables, and ``rgb`` (the per-channel attribution shown
+#: as an image, drawn by ``service.imaging.styles``)
+COLORMAPS: tuple[str, ...] = ("jet", "turbo", "viridis", "inferno", "magma", "gray", "diverging", "rgb")
 _CATALOG: dict[str, str] = {
     "jet": "matlab:jet",
     "turbo": "google:turbo",
@@ -87,7 +92,10 @@ def to_npy(arr: np.ndarray | Any) -> bytes:
 # colours
 # ------------------------------------------------------------------------------------------------
 def check_colormap(name: str) -> str:
+    """``name`` if it is a table of the catalogue (every colormap but ``rgb``)."""
     if name not in _CATALOG:
+        if name in COLORMAPS:
+            raise InvalidParameter(f"colormap {name!r} is not a colour table here", field="colormap")
         raise InvalidParameter(
             f"unknown colormap {name!r}; choose one of {', '.join(COLORMAPS)}", field="colormap"
         )
@@ -108,61 +116,17 @@ def lut(name: str) -> np.ndarray:
 def colorize(m01: np.ndarray, colormap: str = "jet", signed: bool = False) -> np.ndarray:
     """HxWx3 uint8 colours of a normalised map: [0, 1] (unsigned) or [-1, 1] (signed, 0 at the
     table's middle). Values outside the range are clipped."""
-    out: np.ndarray = np.take(lut(colormap), _indices(m01, signed), axis=0)
+    out: np.ndarray = np.take(lut(colormap), indices(m01, signed), axis=0)
     return out
 
 
-def _indices(m01: np.ndarray, signed: bool) -> np.ndarray:
+def indices(m01: np.ndarray, signed: bool) -> np.ndarray:
     """uint8 table indices of normalised values ([0, 1], or [-1, 1] when signed; clipped)."""
     a = np.nan_to_num(np.asarray(m01, dtype=np.float32), nan=0.0)
     if signed:
         a = (a + 1.0) * 0.5
     idx: np.ndarray = np.rint(np.clip(a, 0.0, 1.0) * 255.0).astype(np.uint8)
     return idx
-
-
-def heatmap_rgb(m: np.ndarray, colormap: str = "jet", signed: bool = False) -> np.ndarray:
-    """Min-max normalised, coloured map (HxWx3 uint8)."""
-    return colorize(normalize(m, "minmax", signed), colormap, signed)
-
-
-def heatmap_image(m: np.ndarray, colormap: str = "jet", signed: bool = False) -> Image.Image:
-    """The coloured map as a palette image (mode ``P``, the colormap's 256 colours)."""
-    img = Image.fromarray(_indices(normalize(m, "minmax", signed), signed), "P")
-    img.putpalette(lut(check_colormap(colormap)).tobytes())
-    return img
-
-
-def heatmap_png(m: np.ndarray, colormap: str = "jet", signed: bool = False) -> bytes:
-    """A PNG of the coloured map, one pixel per map value.
-
-    Written as an 8-bit palette PNG holding the colormap's 256 colours: the same pixels as an
-    RGB PNG for every viewer, a third of the bytes to compress, so several times faster to encode.
-    """
-    return encode_png(heatmap_image(m, colormap, signed))
-
-
-def overlay_image(
-    image: Image.Image, m: np.ndarray, colormap: str = "jet", alpha: float = 0.5, signed: bool = False
-) -> Image.Image:
-    """The coloured map blended over ``image`` (RGB): (1 − alpha)·image + alpha·heatmap.
-
-    ``m`` should be at the image's size; otherwise the coloured map is resized to it.
-    """
-    if not (0.0 <= alpha <= 1.0) or not math.isfinite(alpha):
-        raise InvalidParameter(f"alpha must be in [0, 1] (got {alpha})", field="alpha")
-    base = image.convert("RGB") if image.mode != "RGB" else image
-    heat = Image.fromarray(heatmap_rgb(np.asarray(m), colormap, signed), "RGB")
-    if heat.size != base.size:
-        heat = heat.resize(base.size, Image.Resampling.BILINEAR)
-    return Image.blend(base, heat, float(alpha))
-
-
-def overlay_png(
-    image: Image.Image, m: np.ndarray, colormap: str = "jet", alpha: float = 0.5, signed: bool = False
-) -> bytes:
-    """A PNG of the coloured map blended over ``image``."""
-    return encode_png(overlay_image(image, m, colormap, alpha, signed))
 
 
 def encode_png(img: np.ndarray | Image.Image) -> bytes:
@@ -173,57 +137,3 @@ def encode_png(img: np.ndarray | Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buf.getvalue()
-
-
-# ------------------------------------------------------------------------------------------------
-# side-by-side comparison
-# ------------------------------------------------------------------------------------------------
-TILE = 320  # longest side of one panel, pixels
-LABEL_PX = 18  # font size
-_PAD = 8
-
-
-@lru_cache(maxsize=4)
-def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except (OSError, TypeError, AttributeError):  # Pillow without FreeType: the small bitmap font
-        return ImageFont.load_default()
-
-
-def grid_columns(n: int) -> int:
-    """Columns for n panels: near-square, at most 4 wide."""
-    return max(1, min(4, math.ceil(math.sqrt(n))))
-
-
-def compare_grid(image: Image.Image, panels: list[tuple[str, Image.Image]], *, tile: int = TILE) -> bytes:
-    """One PNG: the input, then each (label, overlay) panel, each under a text label, in rows of
-    ``grid_columns`` panels. Panels are scaled to fit ``tile`` pixels on their longest side."""
-    items = [("input", image), *panels]
-    scale = tile / max(image.width, image.height)
-    tw, th = max(1, round(image.width * scale)), max(1, round(image.height * scale))
-    font = _font(LABEL_PX)
-    label_h = LABEL_PX + 10
-    cols = grid_columns(len(items))
-    rows = math.ceil(len(items) / cols)
-    cell_w, cell_h = tw + _PAD, th + label_h + _PAD
-    canvas = Image.new("RGB", (cols * cell_w + _PAD, rows * cell_h + _PAD), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for i, (label, panel) in enumerate(items):
-        x = _PAD + (i % cols) * cell_w
-        y = _PAD + (i // cols) * cell_h
-        pic = panel.convert("RGB") if panel.mode != "RGB" else panel
-        canvas.paste(pic.resize((tw, th), Image.Resampling.BILINEAR), (x, y + label_h))
-        draw.text((x + 2, y + 2), _fit(draw, label, font, tw - 4), fill=(0, 0, 0), font=font)
-    return encode_png(canvas)
-
-
-def _fit(
-    draw: ImageDraw.ImageDraw, text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int
-) -> str:
-    """``text`` shortened with an ellipsis until it fits ``width`` pixels."""
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while len(text) > 1 and draw.textlength(text + "…", font=font) > width:
-        text = text[:-1]
-    return text + "…"

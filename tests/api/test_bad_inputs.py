@@ -173,6 +173,17 @@ ABSURD = [
     ({"baseline": "purple"}, "baseline"),
     ({"rule": "simpson"}, "rule"),
     ({"colormap": "rainbow"}, "colormap"),
+    ({"method": "gradcam", "colormap": "rgb"}, "colormap"),
+    ({"polarity": "sideways"}, "polarity"),
+    ({"clip_upper": "101"}, "clip_upper"),
+    ({"clip_upper": "nan"}, "clip_upper"),
+    ({"clip_lower": "-5"}, "clip_lower"),
+    ({"clip_lower": "60", "clip_upper": "40"}, "clip_lower"),
+    ({"method": "integrated_gradients", "clip_lower": "99.5"}, "clip_lower"),
+    ({"style": "sketch"}, "style"),
+    ({"keep": "1.5"}, "keep"),
+    ({"smooth": "-1"}, "smooth"),
+    ({"smooth": "1000"}, "smooth"),
     ({"format": "gif"}, "format"),
     ({"resolution": "huge"}, "resolution"),
     ({"reduction": "median"}, "reduction"),
@@ -182,7 +193,7 @@ ABSURD = [
 
 
 @pytest.mark.parametrize(
-    ("data", "field"), ABSURD, ids=[f"{next(iter(d))}={next(iter(d.values()))}" for d, _ in ABSURD]
+    ("data", "field"), ABSURD, ids=["&".join(f"{k}={v}" for k, v in d.items()) for d, _ in ABSURD]
 )
 @pytest.mark.usefixtures("still_healthy")
 def test_absurd_parameter_values(

@@ -63,12 +63,12 @@ def test_png_heatmap_has_upload_size_and_target_headers(
 
 @pytest.mark.parametrize("method", METHODS)
 def test_overlay_blends_heatmap_over_the_upload(client: TestClient, png_bytes: bytes, method: str) -> None:
-    data = {**fast(method)}
+    data = {**fast(method), "style": "heatmap", "alpha": "0.5"}
     heat = decode_png(client.post("/v1/models/tiny/explain", files=upload(png_bytes), data=data).content)
     r = client.post("/v1/models/tiny/explain", files=upload(png_bytes), data={**data, "format": "overlay"})
     assert r.status_code == 200, r.text
     over = np.asarray(decode_png(r.content), dtype=np.float64)
-    # overlay = (1 - alpha)·image + alpha·heatmap, alpha 0.5 by default (±1 for rounding)
+    # heatmap style: overlay = (1 - alpha)·image + alpha·heatmap (±1 for rounding)
     expected = 0.5 * np.asarray(decode_png(png_bytes), dtype=np.float64) + 0.5 * np.asarray(
         heat, dtype=np.float64
     )
@@ -122,11 +122,22 @@ def test_json_minmax_range_and_parameters(client: TestClient, png_bytes: bytes, 
     params = body["parameters"]
     assert set(params) == {
         "method", "target", "top_k", "layer", "steps", "samples", "noise_level", "baseline", "rule",
-        "seed", "batch_size", "resolution", "colormap", "alpha", "reduction", "normalize", "format",
+        "seed", "batch_size", "resolution", "colormap", "alpha", "polarity", "clip_lower", "clip_upper",
+        "style", "keep", "smooth", "reduction", "normalize", "format",
     }  # fmt: skip
     assert params["method"] == method
     assert params["steps"] == 4 and params["samples"] == 3 and params["seed"] == 7
-    assert params["colormap"] == ("diverging" if signed else "jet")
+    # rendering as it would be applied: the method's defaults, every one resolved
+    rendering = get_method(method).rendering
+    for name in ("polarity", "clip_lower", "clip_upper", "style", "smooth"):
+        assert params[name] == rendering[name]
+    assert params["colormap"] == (
+        "diverging"
+        if rendering["polarity"] == "both" and rendering["colormap"] != "rgb"
+        else rendering["colormap"]
+    )
+    assert params["alpha"] == rendering.get("alpha", {"heatmap": 0.5}.get(str(rendering["style"]), 1.0))
+    assert params["keep"] == 0.2
     assert params["format"] == "json" and params["resolution"] == "original"
     if get_method(method).needs_layer:
         assert params["layer"] == LAYER.get(method, "layer4")

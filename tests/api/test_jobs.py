@@ -169,13 +169,38 @@ def test_result_rendering_overrides_are_checked_against_their_declaration(
     job = submit(client, images[:1], method="gradcam", colormap="viridis")
     wait_for(client, job["id"], "succeeded")
     url = f"/v1/jobs/{job['id']}/result"
-    for field, value in (("colormap", "bogus"), ("alpha", "2"), ("resolution", "huge"), ("normalize", "x")):
+    bad = (
+        ("colormap", "bogus"), ("alpha", "2"), ("resolution", "huge"), ("normalize", "x"), ("polarity", "x"),
+        ("clip_upper", "150"), ("clip_lower", "-1"), ("style", "x"), ("keep", "2"), ("smooth", "-1"),
+    )  # fmt: skip
+    for field, value in bad:
         body = problem(client.get(url, params={"format": "png", field: value}), 422)
         assert body["errors"][0]["field"] == field, body
+    # the job's method resolves the defaults; a range emptied by an override is refused
+    body = problem(client.get(url, params={"format": "png", "clip_lower": "100"}), 422)
+    assert body["errors"][0]["field"] == "clip_lower"
     # a valid override wins over the submission's value; the rest stay as submitted
     body = client.get(url, params={"normalize": "none", "resolution": "model"}).json()
     assert body["parameters"]["colormap"] == "viridis" and body["parameters"]["normalize"] == "none"
     assert body["parameters"]["resolution"] == "model" and body["explanations"][0]["shape"] == [64, 64]
+
+
+def test_rgb_results_need_the_per_channel_attribution(client: TestClient, images: list[bytes]) -> None:
+    """Guided Backprop is shown in rgb by default, so its job keeps the per-channel attribution;
+    an IG job (shown as a map) does not, and refuses an rgb picture afterwards."""
+    gbp = submit(client, images[:1], method="guided_backprop")
+    ig = submit(client, images[:1], method="integrated_gradients", steps=4)
+    for job in (gbp, ig):
+        wait_for(client, job["id"], "succeeded")
+    r = client.get(f"/v1/jobs/{gbp['id']}/result", params={"format": "png", "resolution": "model"})
+    assert r.status_code == 200, r.text
+    rgb = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"), dtype=int)
+    assert rgb.shape == (64, 64, 3) and np.abs(rgb[..., 0] - rgb[..., 1]).max() > 0  # colours, not a table
+    assert client.get(f"/v1/jobs/{gbp['id']}/result").json()["parameters"]["colormap"] == "rgb"
+    url = f"/v1/jobs/{ig['id']}/result"
+    assert client.get(url, params={"format": "overlay"}).status_code == 200
+    body = problem(client.get(url, params={"format": "png", "colormap": "rgb"}), 422)
+    assert body["errors"][0]["field"] == "colormap"
 
 
 def test_progress_moves_per_chunk(app: FastAPI, client: TestClient, images: list[bytes]) -> None:

@@ -38,3 +38,24 @@ def test_methods_come_from_the_engine_registry(client: TestClient) -> None:
     ig = by_name["integrated_gradients"]["parameters"]["properties"]
     assert ig["steps"]["maximum"] == 512 and ig["steps"]["default"] == 32
     assert "layer" in by_name["gradcam"]["parameters"]["properties"]
+    # each method's rendering defaults: every per-method rendering parameter, resolved
+    for item in listed:
+        rendering = item["rendering"]
+        assert set(rendering) == {
+            "colormap",
+            "alpha",
+            "polarity",
+            "clip_lower",
+            "clip_upper",
+            "style",
+            "smooth",
+        }
+        assert all(v is not None for v in rendering.values())
+    assert by_name["gradcam"]["rendering"] == {
+        "colormap": "jet", "alpha": 0.5, "polarity": "positive", "clip_lower": 0.0, "clip_upper": 100.0,
+        "style": "heatmap", "smooth": 0.0,
+    }  # fmt: skip
+    assert by_name["guided_backprop"]["rendering"]["colormap"] == "rgb"
+    assert by_name["input_x_gradient"]["rendering"]["colormap"] == "diverging"
+    assert by_name["integrated_gradients"]["rendering"]["polarity"] == "positive"
+    assert by_name["integrated_gradients"]["rendering"]["clip_upper"] < 100

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import numpy as np
 import pytest
@@ -179,23 +180,28 @@ def test_reduction_none_where_it_cannot_apply(
     assert any(e["field"] == field for e in r.json()["errors"])
 
 
-def test_signed_methods_default_to_diverging_colormap(client: TestClient, png_bytes: bytes) -> None:
+def test_both_polarities_default_to_diverging_colormap(client: TestClient, png_bytes: bytes) -> None:
+    def echo(**data: str) -> dict[str, Any]:
+        r = client.post(EXPLAIN, files=upload(png_bytes), data={"steps": "4", "format": "json", **data})
+        assert r.status_code == 200, r.text
+        params: dict[str, Any] = r.json()["parameters"]
+        return params
+
+    assert echo(method="input_x_gradient")["colormap"] == "diverging"  # its default polarity: both
+    assert echo(method="integrated_gradients")["colormap"] == "inferno"  # positive: sequential
+    assert echo(method="integrated_gradients", polarity="both")["colormap"] == "diverging"
+    assert echo(method="integrated_gradients", polarity="both", colormap="viridis")["colormap"] == "viridis"
+    assert echo(method="guided_backprop", polarity="both")["colormap"] == "rgb"  # rgb stays rgb
+    # diverging, unclipped: a zero map value is the table's white middle
     j = client.post(
         EXPLAIN,
         files=upload(png_bytes),
         data={"method": "integrated_gradients", "steps": "4", "format": "json"},
     )
-    assert j.json()["parameters"]["colormap"] == "diverging"
-    chosen = client.post(
-        EXPLAIN,
-        files=upload(png_bytes),
-        data={"method": "integrated_gradients", "steps": "4", "format": "json", "colormap": "viridis"},
-    )
-    assert chosen.json()["parameters"]["colormap"] == "viridis"
-    # diverging: a zero map value is the table's white middle
+    both = {"polarity": "both", "clip_lower": "0", "clip_upper": "100"}
     heat = decode_png(
         client.post(
-            EXPLAIN, files=upload(png_bytes), data={"method": "integrated_gradients", "steps": "4"}
+            EXPLAIN, files=upload(png_bytes), data={"method": "integrated_gradients", "steps": "4", **both}
         ).content
     )
     values = np.asarray(j.json()["explanations"][0]["heatmap"])

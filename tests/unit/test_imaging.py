@@ -26,19 +26,18 @@ from service.errors import (
 from service.imaging import (
     COLORMAPS,
     colorize,
-    compare_grid,
     decode_image,
     encode_png,
-    heatmap_png,
     normalize,
-    overlay_png,
     preprocess,
     rounded,
     to_npy,
     to_original,
 )
 from service.imaging.geometry import make_geometry
-from service.imaging.render import grid_columns, lut
+from service.imaging.render import lut
+from service.imaging.scale import shown
+from service.imaging.styles import draw, picture
 
 LIMITS = {"max_bytes": 5_000_000, "max_pixels": 4_000_000, "min_size": 4}
 
@@ -438,7 +437,7 @@ def test_diverging_is_centred_at_zero() -> None:
     assert out[0, 2] > out[0, 0]  # negative: blue
     assert out[2, 0] > out[2, 2]  # positive: red
     assert min(out[1]) > 240  # zero: (near) white
-    assert set(COLORMAPS) == {"jet", "turbo", "viridis", "inferno", "magma", "gray", "diverging"}
+    assert set(COLORMAPS) == {"jet", "turbo", "viridis", "inferno", "magma", "gray", "diverging", "rgb"}
 
 
 def test_unknown_colormap() -> None:
@@ -446,13 +445,14 @@ def test_unknown_colormap() -> None:
         colorize(np.zeros((2, 2)), "rainbow")
 
 
-def test_heatmap_png_round_trip() -> None:
+def test_picture_round_trip() -> None:
+    """The map alone, unclipped: min-max scaled (max |m| for both) into the colormap, as a PNG."""
     m = np.arange(12, dtype=np.float32).reshape(3, 4)
-    png = heatmap_png(m, "viridis")
+    png = encode_png(picture(shown(m, polarity="positive", lower=0.0, upper=100.0), "viridis", None))
     decoded = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
     np.testing.assert_array_equal(decoded, colorize(normalize(m, "minmax", False), "viridis"))
-    signed = heatmap_png(np.array([[-1.0, 0.0, 2.0]]), "diverging", signed=True)
-    px = np.asarray(Image.open(io.BytesIO(signed)).convert("RGB"))
+    s = shown(np.array([[-1.0, 0.0, 2.0]]), polarity="both", lower=0.0, upper=100.0)
+    px = np.asarray(Image.open(io.BytesIO(encode_png(picture(s, "diverging", None)))).convert("RGB"))
     np.testing.assert_array_equal(px[0], colorize(np.array([-0.5, 0.0, 1.0]), "diverging", signed=True))
 
 
@@ -460,12 +460,11 @@ def test_overlay_blends_with_alpha() -> None:
     img = Image.new("RGB", (6, 4), (100, 100, 100))
     m = np.tile(np.linspace(0, 1, 6, dtype=np.float32), (4, 1))
     heat = colorize(m, "jet").astype(int)
+    s = shown(m, polarity="positive", lower=0.0, upper=100.0)
     for alpha in (0.0, 0.3, 1.0):
-        out = np.asarray(Image.open(io.BytesIO(overlay_png(img, m, "jet", alpha, False))), dtype=int)
+        out = draw(img, s, style="heatmap", colormap="jet", alpha=alpha, keep=0.2, geometry=None)
         expected = np.round(100 * (1 - alpha) + heat * alpha)
-        assert np.abs(out - expected).max() <= 1
-    with pytest.raises(InvalidParameter):
-        overlay_png(img, m, "jet", 1.5, False)
+        assert np.abs(np.asarray(out, dtype=int) - expected).max() <= 1
 
 
 def test_encode_png_is_lossless() -> None:
@@ -487,37 +486,3 @@ def test_npy_and_json_floats() -> None:
     assert values.tolist() == [[0.12346, 0.33333]]
     assert rounded(np.array([np.nan, np.inf, 2.0])).tolist() == [0.0, 0.0, 2.0]
     assert isinstance(rounded(np.float32(0.5)).item(), float)
-
-
-def test_grid_columns() -> None:
-    assert [grid_columns(n) for n in (1, 2, 3, 4, 5, 6, 9, 10, 17)] == [1, 2, 2, 2, 3, 3, 3, 4, 4]
-
-
-def test_compare_grid_layout_and_labels() -> None:
-    img = Image.new("RGB", (64, 32), (0, 0, 255))
-    colours = [(255, 0, 0), (0, 255, 0), (255, 255, 0), (0, 255, 255)]
-    panels = [(f"method {i}", Image.new("RGB", (64, 32), c)) for i, c in enumerate(colours)]
-    out = Image.open(io.BytesIO(compare_grid(img, panels, tile=160)))
-    grid = np.asarray(out.convert("RGB"), dtype=int)
-    cols = grid_columns(5)  # 3 columns, 2 rows
-    tw, th = 160, 80
-    label_h, pad = 28, 8
-    cell_w, cell_h = tw + pad, th + label_h + pad
-    assert out.size == (cols * cell_w + pad, 2 * cell_h + pad)
-    for i, colour in enumerate([(0, 0, 255), *colours]):
-        x = pad + (i % cols) * cell_w + tw // 2
-        y = pad + (i // cols) * cell_h + label_h + th // 2
-        assert tuple(grid[y, x]) == colour
-        strip = grid[
-            pad + (i // cols) * cell_h : pad + (i // cols) * cell_h + label_h, x - tw // 2 : x + tw // 2
-        ]
-        dark = (strip.sum(axis=-1) < 200).sum()
-        assert dark > 30  # a label was drawn, with enough ink to read
-        rows = np.nonzero((strip.sum(axis=-1) < 200).any(axis=1))[0]
-        assert rows.max() - rows.min() >= 9  # glyphs at least ~10 px tall
-
-
-def test_compare_grid_shortens_long_labels() -> None:
-    img = Image.new("RGB", (40, 40), (255, 255, 255))
-    out = compare_grid(img, [("x" * 500, img)], tile=80)
-    assert Image.open(io.BytesIO(out)).size[0] < 300

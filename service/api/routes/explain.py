@@ -18,17 +18,17 @@ from service.api.options import CompareOptions, ExplainOptions, PredictOptions
 from service.api.pipeline import Prepared
 from service.api.request import choose_format, parse_request
 from service.api.responses import (
-    backdrop,
     explain_body,
     json_response,
-    overlay_panel,
+    panel,
+    panel_image,
     render_explanation,
     target_headers,
 )
 from service.errors import InvalidParameter
-from service.explainers import Explanation, Targets
+from service.explainers import Explanation, Targets, get_method
+from service.imaging.grid import Row, compare_grid, keys
 from service.imaging.options import RenderParams
-from service.imaging.render import compare_grid
 from service.models.registry import LoadedModel
 
 router = APIRouter(prefix="/v1/models/{model}", tags=["explain"])
@@ -77,7 +77,7 @@ async def explain(request: Request, model: ModelDep, services: ServicesDep) -> R
     clock = pipeline.Clock(settings.request_timeout_s)
     parsed = await parse_request(request, ExplainOptions, settings)
     options = parsed.options
-    render = options.render()
+    render = options.render().resolve(get_method(options.method).rendering)
     fmt = choose_format(render.format, parsed.accept, EXPLAIN_FORMATS)
     if render.reduction == "none" and fmt in ("png", "overlay"):
         raise InvalidParameter("reduction=none needs format=json or npy", field="reduction")
@@ -105,10 +105,11 @@ async def compare(request: Request, model: ModelDep, services: ServicesDep) -> R
     render = options.render()
     fmt = choose_format(render.format, parsed.accept, COMPARE_FORMATS)
     methods = options.method_list(await pipeline.available_methods(model))
+    renders = [render.resolve(get_method(m).rendering) for m in methods]
     items = await pipeline.prepare_images(settings, model, parsed.images)
     targets, results = await pipeline.explain(services, model, items, options, methods, clock)
     return await run_in_threadpool(
-        _render_compare, fmt, model, results, items, targets, render, clock.elapsed_ms
+        _render_compare, fmt, model, results, items, targets, renders, clock.elapsed_ms
     )
 
 
@@ -118,14 +119,14 @@ def _render_compare(
     results: list[Explanation],
     items: list[Prepared],
     targets: Targets,
-    render: RenderParams,
+    renders: list[RenderParams],
     elapsed_ms: float,
 ) -> Response:
     if fmt == "json":
         geometries = [it.geometry for it in items]
         bodies = [
             explain_body(model, expl, geometries, targets, render, fmt=fmt, elapsed_ms=elapsed_ms)
-            for expl in results
+            for expl, render in zip(results, renders, strict=True)
         ]
         body = {
             "model": model.name,
@@ -134,7 +135,26 @@ def _render_compare(
             "results": bodies,
         }
         return json_response(body, {"X-Elapsed-Ms": f"{elapsed_ms:.1f}"})
-    item = items[0]
-    panels = [(expl.method, overlay_panel(expl, item, render)) for expl in results]
-    png = compare_grid(backdrop(item, render), panels)
+    png = compare_png(model, results, items[0], renders)
     return Response(png, media_type="image/png", headers=target_headers(model, results[0], 0, elapsed_ms))
+
+
+def compare_png(
+    model: LoadedModel, results: list[Explanation], item: Prepared, renders: list[RenderParams]
+) -> bytes:
+    """The grid of the first image: one row per target, one column per method after the input,
+    the legend of the scales used and a caption."""
+    first = results[0]
+    tile = panel_image(item)
+    rows = []
+    for k in range(first.maps.shape[1]):
+        index = int(first.targets[0, k])
+        label = f"{k + 1}. {model.label(index)} (class {index}), p = {float(first.scores[0, k]):.3f}"
+        panels = [panel(expl, item, k, r, tile=tile) for expl, r in zip(results, renders, strict=True)]
+        rows.append(Row(label, [tile, *panels]))
+    legend = keys([(expl.method, r) for expl, r in zip(results, renders, strict=True)])
+    caption = (
+        f"model {model.name} · image {item.image.width}x{item.image.height} px · "
+        f"{len(rows)} target{'s' if len(rows) > 1 else ''} · panels at the upload's aspect ratio"
+    )
+    return compare_grid(["input", *(expl.method for expl in results)], rows, legend, caption)

@@ -32,10 +32,11 @@ from service.api.responses import render_explanation
 from service.api.schemas import Problem
 from service.config import Settings
 from service.errors import InvalidParameter, NotReady, SaliencyError
-from service.explainers import Targets
+from service.explainers import Targets, get_method
 from service.imaging.decode import decode_upload
 from service.imaging.geometry import Geometry
 from service.imaging.options import Format, RenderParams
+from service.imaging.styles import RGB
 from service.models.registry import LoadedModel
 from service.runtime.jobs.result import JobResult
 from service.runtime.jobs.service import JobService, retry_after
@@ -211,6 +212,7 @@ async def submit_job(request: Request, services: ServicesDep, jobs: JobsDep) -> 
     )
     options = parsed.options
     render = options.render()
+    shown = render.resolve(get_method(options.method).rendering)  # refuses a bad combination now
     model = services.require_registry().get(options.model)
     pipeline.check_methods(model, [options.method], await pipeline.available_methods(model))
     if render.format is not None:
@@ -224,7 +226,7 @@ async def submit_job(request: Request, services: ServicesDep, jobs: JobsDep) -> 
         params,
         targets,
         images=parsed.images,
-        keep_attributions=render.reduction == "none",
+        keep_attributions=render.reduction == "none" or shown.colormap == RGB,
         options=render.as_dict(),
     )
     return _job_response(record, 202, {"Location": f"/v1/jobs/{record.id}"})
@@ -299,17 +301,11 @@ async def job_result(
     ] = _NO_OVERRIDES,
 ) -> Response:
     record, result = await jobs.result(job_id)
-    render = RenderParams.from_values({**record.spec.options, **overrides})
+    render = RenderParams.from_values({**record.spec.options, **overrides}).resolve(
+        get_method(record.spec.method).rendering
+    )
     fmt = choose_format(format or render.format, request.headers.get("accept"), RESULT_FORMATS)
-    if (
-        render.reduction == "none"
-        and result.explanation.attributions is None
-        and not record.spec.keep_attributions
-    ):
-        raise InvalidParameter(
-            "this job kept no per-channel attributions; submit it with reduction=none to get them",
-            field="reduction",
-        )
+    _check_kept(record, result, render, fmt)
     model = services.require_registry().get(record.spec.model)
     image = None
     if fmt == "overlay":
@@ -325,6 +321,22 @@ async def job_result(
 # ------------------------------------------------------------------------------------------------
 # helpers (run in a worker thread)
 # ------------------------------------------------------------------------------------------------
+def _check_kept(record: JobRecord, result: JobResult, render: RenderParams, fmt: str) -> None:
+    """``InvalidParameter`` when the result needs per-channel attributions the job did not keep
+    (``reduction=none``; ``colormap=rgb`` in a picture)."""
+    if result.explanation.attributions is not None or record.spec.keep_attributions:
+        return
+    for field, wanted, formats in (
+        ("reduction", "none", RESULT_FORMATS),
+        ("colormap", RGB, ("png", "overlay")),
+    ):
+        if getattr(render, field) == wanted and fmt in formats:
+            raise InvalidParameter(
+                f"this job kept no per-channel attributions; submit it with {field}={wanted} to get them",
+                field=field,
+            )
+
+
 def _check_images(settings: Settings, model: LoadedModel, images: list[bytes]) -> None:
     """Decode and preprocess every upload now, so a bad one is refused before the job is queued."""
     for i, data in enumerate(images):

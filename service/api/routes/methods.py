@@ -6,6 +6,7 @@ from fastapi import APIRouter
 
 from service.api.schemas import MethodInfo, MethodList
 from service.explainers import all_methods
+from service.imaging.options import RenderParams
 
 router = APIRouter(prefix="/v1/methods", tags=["methods"])
 
@@ -20,6 +21,7 @@ def list_methods() -> MethodList:
                 description=m.description,
                 paper=m.paper,
                 parameters=m.parameters_schema(),
+                rendering=RenderParams().resolve(m.rendering).defaults(),
             )
             for m in all_methods()
         ]
