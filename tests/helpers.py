@@ -62,6 +62,7 @@ def resnet18_info(name: str, *, methods: list[str], ready: bool) -> dict[str, An
         "target_layer": "layer4",
         "methods": methods,
         "ready": ready,
+        "error": None,
     }
 
 

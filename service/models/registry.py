@@ -386,6 +386,12 @@ class ModelRegistry:
     def names(self) -> list[str]:
         return list(self._models)
 
+    def info(self, name: str) -> dict[str, Any]:
+        """``ModelInfo`` of one configured model, a failed one included (with its ``error``)."""
+        if name in self._failed:
+            return self._failed[name].info()
+        return self.get(name).info()
+
     def infos(self) -> list[dict[str, Any]]:
         """``ModelInfo`` of every configured model, failed ones included, in configuration order."""
         entries = {

@@ -87,3 +87,12 @@ def decode_png(data: bytes) -> Image.Image:
     assert image.format == "PNG"
     image.load()
     return image.convert("RGB")
+
+
+def wait_for(condition: Any, what: str, timeout_s: float = 120.0) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)

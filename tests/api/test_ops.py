@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 
 import pytest
 from api_helpers import make_settings, upload, wait_ready
+from api_helpers import wait_for as helpers_wait_for
 from fastapi.testclient import TestClient
 
 from service.app import create_app
@@ -21,11 +21,7 @@ WAIT_S = 60.0
 
 
 def wait_for(condition: Any, what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
+    helpers_wait_for(condition, what, WAIT_S)
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import ModelDep, RegistryDep
+from service.api.deps import ModelDep, ModelName, RegistryDep
 from service.api.openapi import problem_responses
 from service.api.schemas import LayerInfo, LayerList, ModelInfo, ModelList
 
@@ -18,10 +18,13 @@ def list_models(registry: RegistryDep) -> ModelList:
 
 
 @router.get(
-    "/{model}", response_model=ModelInfo, summary="Describe one model", responses=problem_responses(404, 503)
+    "/{model}",
+    response_model=ModelInfo,
+    summary="Describe one model (one that failed to load: `ready` false and its `error`)",
+    responses=problem_responses(404, 503),
 )
-def get_model(model: ModelDep) -> ModelInfo:
-    return ModelInfo.model_validate(model.info())
+def get_model(model: ModelName, registry: RegistryDep) -> ModelInfo:
+    return ModelInfo.model_validate(registry.info(model))
 
 
 @router.get(
