@@ -22,7 +22,7 @@ class ModelError(Schema):
 
 class ModelInfo(Schema):
     name: str
-    source: Literal["builtin", "torchvision", "timm", "torchscript"]
+    source: Literal["builtin", "torchvision", "timm", "torchscript", "export"]
     architecture: str
     num_classes: int | None = Field(description="null only for a model that failed to load")
     input_size: list[int] | None = Field(description="[C, H, W]; null only for a model that failed to load")

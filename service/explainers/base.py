@@ -90,6 +90,8 @@ class ModelHandle:
     optimize: bool = True
     #: (C, H, W) the model takes; probes use it (a ViT accepts no other size). Unset: C × 64 × 64.
     input_size: tuple[int, int, int] | None = None
+    #: makes a new instance of the model where a deep copy cannot (a ``torch.export`` program)
+    fresh: Callable[[], nn.Module] | None = field(default=None, repr=False)
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     _prepared: dict[str | None, nn.Module] = field(default_factory=dict, repr=False)
     _measured: dict[str, bool] = field(default_factory=dict, repr=False)
@@ -107,7 +109,9 @@ class ModelHandle:
         """The private copy methods run on; ``keep`` names a layer whose output must stay exact."""
         with self.lock:
             if keep not in self._prepared:
-                self._prepared[keep] = prepare_model(self.module, keep=keep, optimize=self.optimize)
+                self._prepared[keep] = prepare_model(
+                    self.module, keep=keep, optimize=self.optimize, fresh=self.fresh
+                )
             return self._prepared[keep]
 
     def pixel_bounds(self, channels: int) -> tuple[Tensor, Tensor]:

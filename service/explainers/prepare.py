@@ -74,21 +74,33 @@ def private_copy(module: nn.Module) -> nn.Module:
     """
     if isinstance(module, torch.jit.ScriptModule):
         return module
-    clone = copy.deepcopy(module)
-    clone.eval()
-    for p in clone.parameters():
+    return _owned(copy.deepcopy(module))
+
+
+def _owned(module: nn.Module) -> nn.Module:
+    """A module of our own, in eval mode with every parameter's gradient off."""
+    module.eval()
+    for p in module.parameters():
         p.requires_grad_(False)
-    return clone
+    return module
 
 
-def prepare_model(module: nn.Module, *, keep: str | None = None, optimize: bool = True) -> nn.Module:
+def prepare_model(
+    module: nn.Module,
+    *,
+    keep: str | None = None,
+    optimize: bool = True,
+    fresh: Callable[[], nn.Module] | None = None,
+) -> nn.Module:
     """A private copy of ``module`` for attribution; ``keep`` names a layer whose output must stay exact.
 
     The given module is never modified (not its parameters, flags, hooks or children). Without
     ``optimize`` the copy is only switched to eval mode with parameter gradients off. A TorchScript
     module is returned as it is (``private_copy``): it can neither be copied safely nor hooked.
+    ``fresh`` makes a new instance of the model where a deep copy cannot (a ``torch.export``
+    program is loaded again from its file).
     """
-    plain = private_copy(module)
+    plain = _owned(fresh().to(_device_of(module))) if fresh is not None else private_copy(module)
     if not optimize or plain is module or isinstance(plain, torch.jit.ScriptModule):
         return plain  # TorchScript is used as it is (see ``private_copy``): nothing to rewrite
     try:

@@ -7,6 +7,11 @@
 - ``torchvision``: ``torchvision.models.get_model(architecture, weights=None, num_classes=…)``.
 - ``timm``: ``timm.create_model(architecture, pretrained=False, num_classes=…)``.
 - ``torchscript``: ``torch.jit.load``.
+- ``export``: a ``.pt2`` file of ``torch.export.save``, loaded with ``torch.export.load`` and
+  turned back into a module tree with ``torch.export.unflatten`` (so layers keep their names and
+  take hooks: every method works); where unflattening fails, the flat ``ExportedProgram.module()``
+  (no named layers: the hook-free methods, as for TorchScript). Export with a dynamic batch
+  dimension (``dynamic_shapes``) so that images can share a pass.
 
 State dicts are read with ``torch.load(weights_only=True)``.
 """
@@ -118,6 +123,8 @@ def build_module(spec: ModelSpec, num_classes: int) -> nn.Module:
         return load_torchvision(spec, num_classes)
     if spec.source == "timm":
         return load_timm(spec, num_classes)
+    if spec.source == "export":
+        return load_export(spec)
     return load_torchscript(spec)
 
 
@@ -218,6 +225,20 @@ def load_torchscript(spec: ModelSpec) -> nn.Module:
             f"model {spec.name!r}: cannot load TorchScript file {spec.weights}: {exc}"
         ) from None
     return module
+
+
+def load_export(spec: ModelSpec) -> nn.Module:
+    """A ``torch.export`` program as a module: unflattened where possible (named, hookable layers)."""
+    assert spec.weights is not None
+    try:
+        program = torch.export.load(str(spec.weights))
+    except Exception as exc:
+        raise ModelLoadError(f"model {spec.name!r}: cannot load torch.export file {spec.weights}: {exc}") from None
+    try:
+        return torch.export.unflatten(program)
+    except Exception as exc:
+        log.warning("model %r: torch.export.unflatten failed (%s): no named layers, no CAM methods", spec.name, exc)
+        return program.module()
 
 
 def load_weights_into(model: nn.Module, spec: ModelSpec) -> None:

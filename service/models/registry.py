@@ -160,7 +160,7 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
     std = _per_channel(spec.std or (BUILTIN_STD if builtin else IMAGENET_STD), channels)
     labels = read_labels(spec.labels or ("imagenet" if builtin else None))
     num_classes = spec.num_classes or (len(labels) if labels else None)
-    if builtin is not None or (num_classes is None and spec.source != "torchscript"):
+    if builtin is not None or (num_classes is None and spec.source not in ("torchscript", "export")):
         num_classes = num_classes or IMAGENET_CLASSES
     if builtin is not None and num_classes != IMAGENET_CLASSES:
         raise ConfigError(f"model {spec.name!r}: builtin models have {IMAGENET_CLASSES} classes")
@@ -172,6 +172,7 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
 
     example = torch.zeros(1, *input_size, device=device)
     measured = _probe(spec, module, example)
+    _probe_batch(spec, module, example)
     if num_classes is None:
         num_classes = measured
     if measured != num_classes:
@@ -188,6 +189,7 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
         target_layer=_configured_layer(spec, module),
         name=spec.name,
         input_size=input_size,
+        fresh=(lambda: build_module(spec, num_classes)) if spec.source == "export" else None,
     )
     _check_layers(spec, handle)
     architecture = spec.architecture or (
@@ -238,6 +240,17 @@ def _probe(spec: ModelSpec, module: nn.Module, example: Tensor) -> int:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ModelLoadError(f"model {spec.name!r} must return logits shaped (N, classes), got {shape}")
     return int(out.shape[1])
+
+
+def _probe_batch(spec: ModelSpec, module: nn.Module, example: Tensor) -> None:
+    """The engine runs images and steps in batches: the model must take more than one image."""
+    try:
+        with torch.inference_mode():
+            module(example.expand(2, *example.shape[1:]))
+    except Exception as exc:
+        hint = " (export it with a dynamic batch dimension)" if spec.source == "export" else ""
+        first = str(exc).splitlines()[0] if str(exc) else repr(exc)
+        raise ModelLoadError(f"model {spec.name!r} fails on a batch of 2 images{hint}: {first}") from None
 
 
 def _configured_layer(spec: ModelSpec, module: nn.Module) -> str | None:

@@ -22,7 +22,7 @@ from pydantic import (
 
 from service.errors import ConfigError
 
-Source = Literal["builtin", "torchvision", "timm", "torchscript"]
+Source = Literal["builtin", "torchvision", "timm", "torchscript", "export"]
 ResizeMode = Literal["stretch", "center_crop"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -106,6 +106,8 @@ class ModelSpec(BaseModel):
             raise ValueError(f"source {self.source!r} needs an architecture")
         if self.source == "torchscript" and self.weights is None:
             raise ValueError("source 'torchscript' needs weights (the TorchScript file)")
+        if self.source == "export" and self.weights is None:
+            raise ValueError("source 'export' needs weights (the .pt2 file of torch.export.save)")
         if self.source == "builtin" and self.weights is not None:
             raise ValueError("builtin models ship their own weights; use source 'timm' for other files")
         for label, path in (("weights", self.weights), ("labels", self.labels)):

@@ -18,7 +18,16 @@ from torch import Tensor, nn
 
 from service.config import Settings
 from service.errors import ConfigError, MethodNotApplicable, ModelLoadError, TargetOutOfRange, UnknownModel
-from service.explainers import Attribution, ExplainParams, Method, ModelHandle, RunContext, predict
+from service.explainers import (
+    Attribution,
+    ExplainParams,
+    Method,
+    ModelHandle,
+    RunContext,
+    all_methods,
+    explain,
+    predict,
+)
 from service.explainers.base import Need
 from service.explainers.layers import layer_before_head
 from service.imaging import decode_image
@@ -549,3 +558,41 @@ def test_example_config_parses() -> None:
     root = Path(__file__).resolve().parents[2]
     specs = load_config(root / "examples" / "models.toml")
     assert [s.name for s in specs] == ["efficientnet_lite0"] and specs[0].source == "builtin"
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.export programs
+# ------------------------------------------------------------------------------------------------
+def _export(model: nn.Module, path: Path, *, dynamic_batch: bool = True) -> None:
+    x = torch.randn(2 if dynamic_batch else 1, 3, 64, 64)
+    shapes = {"x": {0: torch.export.Dim("batch", min=1, max=1024)}} if dynamic_batch else None
+    torch.export.save(torch.export.export(model.eval(), (x,), dynamic_shapes=shapes), str(path))
+
+
+def test_export_model_keeps_its_layers_and_every_method(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    ref = torchvision.models.resnet18(num_classes=4).eval()
+    _export(ref, tmp_path / "net.pt2")
+    spec = ModelSpec(name="e", source="export", weights=tmp_path / "net.pt2", input_size=(3, 64, 64))
+    model = ModelRegistry.from_specs([spec], device="cpu").get("e")
+    assert model.num_classes == 4 and model.target_layer == "layer4"
+    # unflattened: named layers take hooks, so the CAM methods work; the graph calls aten ops, which
+    # the rectifier rules cannot see (refused, not a plain gradient), and its classifier is no
+    # nn.Linear that CAM could read
+    unseen = {"cam", "guided_backprop", "deconvnet", "guided_gradcam"}
+    assert set(model.methods()) == {m.name for m in all_methods()} - unseen
+    x = torch.randn(2, 3, 64, 64)
+    for method in ("gradcam", "saliency", "integrated_gradients"):
+        ours = explain(model.handle, x, method, ExplainParams(seed=0))
+        eager = explain(ModelHandle(ref, input_size=(3, 64, 64)), x, method, ExplainParams(seed=0))
+        assert torch.equal(ours.targets, eager.targets)
+        torch.testing.assert_close(
+            ours.maps, eager.maps, rtol=1e-3, atol=1e-3 * float(eager.maps.abs().max())
+        )
+
+
+def test_export_without_a_dynamic_batch_is_a_clear_load_error(tmp_path: Path) -> None:
+    _export(torchvision.models.resnet18(num_classes=4), tmp_path / "static.pt2", dynamic_batch=False)
+    spec = ModelSpec(name="s", source="export", weights=tmp_path / "static.pt2", input_size=(3, 64, 64))
+    with pytest.raises(ModelLoadError, match="dynamic batch"):
+        ModelRegistry.from_specs([spec], device="cpu")
