@@ -233,11 +233,15 @@ def load_export(spec: ModelSpec) -> nn.Module:
     try:
         program = torch.export.load(str(spec.weights))
     except Exception as exc:
-        raise ModelLoadError(f"model {spec.name!r}: cannot load torch.export file {spec.weights}: {exc}") from None
+        raise ModelLoadError(
+            f"model {spec.name!r}: cannot load torch.export file {spec.weights}: {exc}"
+        ) from None
     try:
         return torch.export.unflatten(program)
     except Exception as exc:
-        log.warning("model %r: torch.export.unflatten failed (%s): no named layers, no CAM methods", spec.name, exc)
+        log.warning(
+            "model %r: torch.export.unflatten failed (%s): no named layers, no CAM methods", spec.name, exc
+        )
         return program.module()
 
 
