@@ -8,7 +8,7 @@ the head's features reach. Grad-CAM on token and NHWC layers equals a hand-writt
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -84,6 +84,12 @@ FAMILIES: dict[str, Family] = {
     "torchvision_vit": Family(_torchvision_vit, 64, "encoder.layers.encoder_layer_1.ln_1", "tokens", 1),
 }
 _HANDLES: dict[str, ModelHandle] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _drop_handles() -> Iterator[None]:
+    yield
+    _HANDLES.clear()
 
 
 def handle_for(family: str) -> ModelHandle:
