@@ -122,7 +122,8 @@ def test_json_minmax_range_and_parameters(client: TestClient, png_bytes: bytes, 
     params = body["parameters"]
     assert set(params) == {
         "method", "target", "top_k", "layer", "steps", "samples", "noise_level", "baseline", "rule",
-        "seed", "batch_size", "resolution", "colormap", "alpha", "reduction", "normalize", "format",
+        "head_fusion", "discard_ratio", "legrad_layers", "seed", "batch_size", "resolution", "colormap",
+        "alpha", "reduction", "normalize", "format",
     }  # fmt: skip
     assert params["method"] == method
     assert params["steps"] == 4 and params["samples"] == 3 and params["seed"] == 7
