@@ -158,7 +158,7 @@ def passes_per_image(method: str, args: argparse.Namespace) -> int:
         return int(args.steps * args.samples)
     if method == "guided_gradcam":
         return 2
-    if method == "scorecam":
+    if method in ("scorecam", "eigencam", "cam", "attention_rollout"):
         return 0  # forward passes only; no comparable floor
     return 1
 
@@ -216,13 +216,15 @@ def captum_reference(s: Setup, method: str) -> Callable[[], None] | None:
         "guided_backprop": lambda: ca.GuidedBackprop(model).attribute(x, target=t),
         "deconvnet": lambda: ca.Deconvolution(model).attribute(x, target=t),
         "guided_gradcam": lambda: ca.GuidedGradCam(model, layer).attribute(x, target=t),
-        "gradcam": lambda: ca.LayerAttribution.interpolate(
+        "gradcam": lambda: ca.LayerAttribution.interpolate(  # (maps only: Captum reads no tokens)
             ca.LayerGradCam(model, layer).attribute(x, target=t, relu_attributions=True),
             tuple(x.shape[-2:]), "bilinear",
         ),
     }  # fmt: skip
-    if method not in calls:
-        return None
+    if method not in calls or (
+        method in ("gradcam", "guided_gradcam") and s.handle.layer_view(s.layer).layout != "nchw"
+    ):
+        return None  # Captum's LayerGradCam reads a layer as (N, C, h, w) only
     call = calls[method]
 
     def run() -> None:
@@ -240,7 +242,11 @@ def grad_cam_reference(s: Setup, method: str) -> Callable[[], None] | None:
 
     model = copy.deepcopy(s.eager)  # it keeps hooks on its model for the object's lifetime
     cls = getattr(pytorch_grad_cam, GRAD_CAM_CLASSES[method])
-    cam = cls(model=model, target_layers=[get_layer(model, s.layer)])
+    view = s.handle.layer_view(s.layer)
+    # a token or channels-last layer needs pytorch-grad-cam's reshape_transform: give it the
+    # measured layout's own (prefix tokens dropped, the patch grid restored)
+    reshape = None if view.layout == "nchw" else view.to_map
+    cam = cls(model=model, target_layers=[get_layer(model, s.layer)], reshape_transform=reshape)
     if hasattr(cam, "batch_size"):
         cam.batch_size = int(s.args.batch_size)
     s.owned.append(cam.activations_and_grads.release)
@@ -259,7 +265,7 @@ def grad_cam_reference(s: Setup, method: str) -> Callable[[], None] | None:
 def make_setup(args: argparse.Namespace, dtype: str, model: nn.Module) -> Setup:
     device = device_of(args.device)
     model = model.to(device).eval()
-    handle = ModelHandle(model, name=args.model)
+    handle = ModelHandle(model, name=args.model, input_size=(3, args.size, args.size))
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.images, 3, args.size, args.size, generator=g).to(device)
     targets = predict(handle, x).argmax(dim=1).to(device)

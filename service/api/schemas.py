@@ -58,7 +58,7 @@ class ModelList(Schema):
 
 class MethodInfo(Schema):
     name: str
-    family: Literal["cam", "gradient", "path", "perturbation"]
+    family: Literal["cam", "gradient", "path", "perturbation", "attention"]
     description: str
     paper: str = Field(description="URL of the paper")
     parameters: dict[str, Any] = Field(description="JSON Schema of the method's parameters")

@@ -4,6 +4,7 @@ Importing this package registers every method (each module's ``@register`` runs 
 """
 
 from service.explainers import (  # importing a method module registers its methods
+    attention,  # noqa: F401
     cam,  # noqa: F401
     class_cam,  # noqa: F401
     eigencam,  # noqa: F401

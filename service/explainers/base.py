@@ -30,6 +30,7 @@ from service.errors import (
     UnknownLayer,
     UnknownMethod,
 )
+from service.explainers.attention_capture import capturable
 from service.explainers.figures import CAM_HEATMAP, Figure
 from service.explainers.layers import (
     NCHW,
@@ -45,7 +46,7 @@ from service.explainers.prepare import prepare_model
 from service.explainers.rectifiers import rectifier_calls
 from service.explainers.targets import choose
 
-Family = Literal["cam", "gradient", "path", "perturbation"]
+Family = Literal["cam", "gradient", "path", "perturbation", "attention"]
 
 #: What a method can need of a model (``Method.needs``; ``ModelHandle.offers`` says what it has):
 #: ``gradients``: a backward pass to the input; ``hooks``: Python forward hooks on submodules
@@ -53,8 +54,10 @@ Family = Literal["cam", "gradient", "path", "perturbation"]
 #: ``python_forward``: a forward pass run as Python code, so that a torch function mode sees every
 #: call (the rectifier rules; TorchScript code hides its calls); ``rectifiers``: at least one
 #: ReLU-family activation in the forward pass (Guided Backprop and Deconvnet define their rule
-#: there; a model with only smooth activations would get a plain gradient from them).
-Need = Literal["gradients", "hooks", "layer", "python_forward", "rectifiers"]
+#: there; a model with only smooth activations would get a plain gradient from them);
+#: ``attention``: self-attention blocks whose probabilities can be captured, over the model's
+#: prefix and patch tokens, pooled by its class token or token mean (``attention_capture``).
+Need = Literal["gradients", "hooks", "layer", "python_forward", "rectifiers", "attention"]
 
 NEED_TEXT: dict[str, str] = {
     "gradients": "a backward pass to the input",
@@ -65,6 +68,10 @@ NEED_TEXT: dict[str, str] = {
         "ReLU-family activations, whose backward pass its rule rewrites; this model has none (its "
         "activations are smooth, e.g. GELU or SiLU, where the rule is not defined and the result "
         "would be a plain gradient): use saliency, input_x_gradient or integrated_gradients"
+    ),
+    "attention": (
+        "self-attention blocks whose probabilities can be captured (timm ViT/DeiT/EVA or "
+        "torchvision ViT, pooled by the class token or the token mean; not windowed attention as in Swin)"
     ),
 }
 
@@ -156,7 +163,9 @@ class ModelHandle:
     def offers(self, asked: Iterable[str] = NEED_TEXT) -> frozenset[str]:
         """Which of the ``asked`` needs (``Need``) this model meets; each is measured once, when
         first asked: ``layer`` when a target layer is configured or measured (``default_layer``),
-        ``rectifiers`` when a forward pass runs at least one ReLU-family activation."""
+        ``rectifiers`` when a forward pass runs at least one ReLU-family activation, ``attention``
+        when a forward pass of the private copy exposes its attention probabilities
+        (``attention_capture.capturable``)."""
         return frozenset(need for need in asked if self._offers(need))
 
     def _offers(self, need: str) -> bool:
@@ -177,6 +186,13 @@ class ModelHandle:
         if need == "rectifiers":
             # a forward pass of the shared model under a thread-local mode: nothing is registered on it
             return self._offers("python_forward") and rectifier_calls(self.module, self.probe_input(1)) > 0
+        if need == "attention":
+            # measured on the private copy: capturing switches its fused attention off for a moment
+            return (
+                self._offers("hooks")
+                and self._offers("python_forward")
+                and capturable(self.prepared(), self.probe_input())
+            )
         raise ValueError(f"unknown need {need!r}")
 
     def channels(self) -> int:

@@ -15,13 +15,16 @@ from service.knobs import knob
 
 Baseline = Literal["black", "white", "mean", "blur", "uniform"]
 Rule = Literal["gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid"]
+HeadFusion = Literal["mean", "max", "min"]
 
 BASELINES: tuple[str, ...] = get_args(Baseline)
 RULES: tuple[str, ...] = get_args(Rule)
+HEAD_FUSIONS: tuple[str, ...] = get_args(HeadFusion)
 
 MAX_STEPS = 512
 MAX_SAMPLES = 256
 MAX_BATCH_SIZE = 1024
+MAX_LEGRAD_LAYERS = 64
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,18 @@ class ExplainParams:
     noise_level: float = knob(0.15, "σ as a fraction of the input's value range", ge=0.0, le=1.0)
     baseline: Baseline = knob("black", f"path baseline: {', '.join(BASELINES)}")
     rule: Rule = knob("gausslegendre", f"integration rule: {', '.join(RULES)}")
+    head_fusion: HeadFusion = knob(
+        "mean", f"how attention rollout fuses the heads: {', '.join(HEAD_FUSIONS)}"
+    )
+    discard_ratio: float = knob(
+        0.0,
+        "attention rollout: the lowest fraction of each row's attention set to 0 (column 0 kept)",
+        ge=0.0,
+        lt=1.0,
+    )
+    legrad_layers: int | None = knob(
+        None, "LeGrad: how many of the last blocks are averaged (unset: all)", ge=1, le=MAX_LEGRAD_LAYERS
+    )
     seed: int | None = knob(None, "noise seed; same seed, same result (unset: drawn)", ge=0, lt=2**63)
     batch_size: int = knob(
         32,

@@ -172,6 +172,9 @@ ABSURD = [
     ({"batch_size": "99999999"}, "batch_size"),
     ({"baseline": "purple"}, "baseline"),
     ({"rule": "simpson"}, "rule"),
+    ({"head_fusion": "bogus"}, "head_fusion"),
+    ({"discard_ratio": "1"}, "discard_ratio"),
+    ({"legrad_layers": "0"}, "legrad_layers"),
     ({"colormap": "rainbow"}, "colormap"),
     ({"method": "gradcam", "colormap": "rgb"}, "colormap"),
     ({"polarity": "sideways"}, "polarity"),
@@ -218,6 +221,8 @@ def test_unknown_model_method_layer(client: TestClient, png_bytes: bytes) -> Non
         422,
     )
     assert "magic" in body["detail"]
+    body = assert_problem(client.post(EXPLAIN, files=upload(png_bytes), data={"method": "legrad"}), 422)
+    assert body["errors"][0]["field"] == "method" and "legrad" in body["detail"]
 
 
 @pytest.mark.usefixtures("still_healthy")

@@ -19,7 +19,7 @@ from service.imaging.render import normalize
 FAST = {"steps": "4", "samples": "3", "seed": "7"}
 # Score-CAM costs one forward pass per channel: explain the 64-channel layer1, not layer4's 512
 LAYER = {"scorecam": "layer1"}
-METHODS = method_names()
+METHODS = [n for n in method_names() if get_method(n).family != "attention"]  # the test model is a CNN
 H, W = 50, 80  # the sample image
 
 
@@ -122,8 +122,9 @@ def test_json_minmax_range_and_parameters(client: TestClient, png_bytes: bytes, 
     params = body["parameters"]
     assert set(params) == {
         "method", "target", "top_k", "layer", "steps", "samples", "noise_level", "baseline", "rule",
-        "seed", "batch_size", "resolution", "colormap", "alpha", "polarity", "clip_lower", "clip_upper",
-        "style", "keep", "smooth", "reduction", "normalize", "format",
+        "head_fusion", "discard_ratio", "legrad_layers", "seed", "batch_size", "resolution", "colormap",
+        "alpha", "polarity", "clip_lower", "clip_upper", "style", "keep", "smooth", "reduction",
+        "normalize", "format",
     }  # fmt: skip
     assert params["method"] == method
     assert params["steps"] == 4 and params["samples"] == 3 and params["seed"] == 7

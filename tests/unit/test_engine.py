@@ -53,6 +53,10 @@ PARAMS = ExplainParams(steps=4, samples=2, seed=1234)
 # Methods whose passes grow with the target layer's width (Score-CAM: one forward per channel) run
 # on one image in the architecture matrix; their batch and seed properties are checked on ``Flaky``.
 HEAVY = {m.name for m in all_methods() if m.passes(PARAMS) > 64}
+# The transformer-native methods refuse these CNNs (checked in the matrix below); they run over the
+# transformer families in test_families.py and test_attention.py.
+ATTENTION = {m.name for m in all_methods() if m.family == "attention"}
+ON_CNNS = [m for m in METHODS if m not in ATTENTION]
 
 
 def vgg11() -> nn.Module:
@@ -209,6 +213,8 @@ RECTIFIED = frozenset({"guided_backprop", "deconvnet", "guided_gradcam"})
 
 
 def applicable(arch: str, method: str) -> bool:
+    if method in ATTENTION:
+        return False
     if method in RECTIFIED:
         return ARCHS[arch].rectifiers  # SiLU throughout: the rules would give a plain gradient
     return method != "cam" or ARCHS[arch].gap_head
@@ -259,7 +265,8 @@ def test_method_runs_with_sound_output(arch: str, method: str) -> None:
         handle = handle_for(arch)
         x = images(1, seed=7)
         before = Untouched(handle, x)
-        with pytest.raises(MethodNotApplicable, match="saliency" if method in RECTIFIED else "gradcam"):
+        why = "self-attention" if method in ATTENTION else "saliency" if method in RECTIFIED else "gradcam"
+        with pytest.raises(MethodNotApplicable, match=why):
             explain(handle, x, method, PARAMS)
         assert_untouched(before)
         return
@@ -393,7 +400,7 @@ def flaky_handle() -> tuple[ModelHandle, Trip]:
     return ModelHandle(model, name="flaky"), model.trip
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ON_CNNS)
 def test_small_model_result_does_not_depend_on_batch(method: str) -> None:
     handle, _ = flaky_handle()
     x = images(3, seed=4, size=16)
@@ -406,7 +413,7 @@ def test_small_model_result_does_not_depend_on_batch(method: str) -> None:
 
 
 @pytest.mark.parametrize("nth_pass", [1, 2])
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ON_CNNS)
 def test_forced_failure_leaves_no_trace(method: str, nth_pass: int) -> None:
     handle, trip = flaky_handle()
     x = images(2, seed=3, size=16)
@@ -424,7 +431,7 @@ def test_forced_failure_leaves_no_trace(method: str, nth_pass: int) -> None:
     assert torch.equal(again.maps, reference.maps)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ON_CNNS)
 def test_cancellation_mid_run_leaves_no_trace(method: str) -> None:
     handle, _ = flaky_handle()
     x = images(2, seed=3, size=16)
@@ -459,7 +466,7 @@ def test_a_failure_while_preparing_the_copy_changes_nothing() -> None:
 # ------------------------------------------------------------------------------------------------
 # targets
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ON_CNNS)
 def test_top_k_explains_the_k_best_classes(method: str) -> None:
     handle, _ = flaky_handle()
     x = images(2, seed=5, size=16)
@@ -474,7 +481,7 @@ def test_top_k_explains_the_k_best_classes(method: str) -> None:
         torch.testing.assert_close(top.logits[:, j], one.logits[:, 0])
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ON_CNNS)
 def test_explicit_targets(method: str) -> None:
     handle, _ = flaky_handle()
     x = images(2, seed=5, size=16)
@@ -488,7 +495,7 @@ def test_explicit_targets(method: str) -> None:
 
 
 @pytest.mark.parametrize("bad", [[[CLASSES]], [[-1]], [[0, CLASSES + 3]]])
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ON_CNNS)
 def test_target_out_of_range(method: str, bad: list[list[int]]) -> None:
     handle, _ = flaky_handle()
     x = images(1, seed=5, size=16)
