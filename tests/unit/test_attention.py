@@ -386,3 +386,32 @@ def test_legrad_layers_beyond_the_model_means_all() -> None:
     every = explain(handle, x, "legrad").maps
     torch.testing.assert_close(explain(handle, x, "legrad", ExplainParams(legrad_layers=64)).maps, every)
     assert not torch.allclose(explain(handle, x, "legrad", ExplainParams(legrad_layers=1)).maps, every)
+
+
+@pytest.mark.parametrize("layers", [None, 1])
+def test_legrad_agrees_with_torchcam_on_torchvision_vit(layers: int | None) -> None:
+    """torchcam 0.5's ``LeGrad`` on the same blocks, given the same score projection (the contract's:
+    the model's own pooling, the class token, then final norm and head; torchcam's built-in one
+    pools by token mean); both maps compared up to torchcam's final min-max normalisation."""
+    from torchcam.methods import LeGrad  # type: ignore[import-untyped]
+
+    handle = tv_handle()
+    model = copy.deepcopy(handle.module)
+    blocks = list(model.encoder.layers)
+    chosen = blocks if layers is None else blocks[-layers:]
+    x = images(n=1, seed=4)
+    target = 3
+
+    def class_token_logits(
+        tokens: Tensor,
+    ) -> Tensor:  # the model's own pooling (torchcam's default: token mean)
+        return model.heads(model.encoder.ln(tokens[:, 0]))
+
+    with LeGrad(model, chosen, score_projection=class_token_logits) as extractor:
+        scores = model(x)
+        ref = extractor(target, scores)[0][0].detach()  # (4, 4)
+    out = explain(handle, x, "legrad", ExplainParams(legrad_layers=layers), targets=Targets.given([[target]]))
+    ours = out.maps[0, 0]
+    up = F.interpolate(ref[None, None].float(), size=ours.shape, mode="bilinear", align_corners=False)[0, 0]
+    r = torch.corrcoef(torch.stack([ours.flatten(), up.flatten()]))[0, 1]
+    assert float(r) > 0.9999, float(r)
