@@ -31,6 +31,7 @@ import torch
 from _common import interleaved, median, set_threads, table
 from PIL import Image
 
+from service.api.options import DEFAULT_COMPARE
 from service.api.pipeline import Prepared
 from service.api.responses import drawn, output_geometry, panel, panel_image, png_bytes, shown_map
 from service.config import Settings
@@ -42,15 +43,7 @@ from service.models.registry import LoadedModel, ModelRegistry
 
 SIZES = {"224²": (224, 224), "12 MP": (4000, 3000)}
 STYLES = ("heatmap", "pixels", "outlines", "mask")
-COMPARE = (
-    "gradcam",
-    "gradcam_pp",
-    "layercam",
-    "eigencam",
-    "saliency",
-    "guided_backprop",
-    "integrated_gradients",
-)
+COMPARE = DEFAULT_COMPARE  # the compare route's default methods
 SHARE_AT_224 = 0.25  # every style at most this share of the Grad-CAM time at 224²
 MAX_12MP_S = 0.5  # and nothing above this at 12 MP
 

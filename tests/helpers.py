@@ -167,3 +167,22 @@ def _pings(client: Any) -> bool:
         return bool(client.ping())
     except redis.ConnectionError:
         return False
+
+
+def small_torchvision_vit(num_classes: int = 10) -> nn.Module:
+    """torchvision's ``VisionTransformer`` at 64×64: 16-pixel patches (a 4×4 grid and a class
+    token), 2 blocks of 2 heads, width 32; its head re-drawn at random (torchvision starts it at
+    zero, which would pass no gradient back)."""
+    import torchvision
+
+    model = torchvision.models.VisionTransformer(
+        image_size=64,
+        patch_size=16,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=32,
+        mlp_dim=64,
+        num_classes=num_classes,
+    )
+    nn.init.normal_(model.heads.head.weight, std=0.02)
+    return model

@@ -12,6 +12,7 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchvision
+from helpers import small_torchvision_vit
 from torch import Tensor, nn
 
 from service.errors import Cancelled, InvalidParameter, MethodNotApplicable
@@ -170,16 +171,7 @@ def timm_handle(name: str) -> ModelHandle:
 def tv_handle() -> ModelHandle:
     if "tv" not in _MODELS:
         torch.manual_seed(0)
-        model = torchvision.models.VisionTransformer(
-            image_size=64,
-            patch_size=16,
-            num_layers=2,
-            num_heads=2,
-            hidden_dim=32,
-            mlp_dim=64,
-            num_classes=CLASSES,
-        )
-        nn.init.normal_(model.heads.head.weight, std=0.02)
+        model = small_torchvision_vit(CLASSES)
         _MODELS["tv"] = ModelHandle(model.eval(), input_size=(3, 64, 64), name="tv")
     return _MODELS["tv"]
 

@@ -15,7 +15,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-import torchvision
+from helpers import small_torchvision_vit
 from torch import Tensor, nn
 
 from service.errors import MethodNotApplicable, UnknownLayer
@@ -37,20 +37,6 @@ class Family:
 
 def _timm(name: str, **kw: object) -> Callable[[], nn.Module]:
     return lambda: timm.create_model(name, num_classes=CLASSES, **kw)
-
-
-def _torchvision_vit() -> nn.Module:
-    model = torchvision.models.VisionTransformer(
-        image_size=64,
-        patch_size=16,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=32,
-        mlp_dim=64,
-        num_classes=CLASSES,
-    )
-    nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision starts the head at zero
-    return model
 
 
 FAMILIES: dict[str, Family] = {
@@ -81,7 +67,9 @@ FAMILIES: dict[str, Family] = {
     ),
     "convnext": Family(_timm("convnext_atto"), 64, "stages", "nchw", 0),
     "eva02": Family(_timm("eva02_tiny_patch14_224", img_size=56, depth=2), 56, "blocks.1", "tokens", 1),
-    "torchvision_vit": Family(_torchvision_vit, 64, "encoder.layers.encoder_layer_1.ln_1", "tokens", 1),
+    "torchvision_vit": Family(
+        lambda: small_torchvision_vit(CLASSES), 64, "encoder.layers.encoder_layer_1.ln_1", "tokens", 1
+    ),
 }
 _HANDLES: dict[str, ModelHandle] = {}
 
