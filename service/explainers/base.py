@@ -195,12 +195,9 @@ class ModelHandle:
             )
         raise ValueError(f"unknown need {need!r}")
 
-    def channels(self) -> int:
-        return self.input_size[0] if self.input_size else (len(self.mean) if len(self.mean) > 1 else 3)
-
     def probe_input(self, batch: int = 2) -> Tensor:
         """A seeded random batch at the model's input size, on its device (for measuring the model)."""
-        c, h, w = self.input_size or (self.channels(), 64, 64)
+        c, h, w = self.input_size or (len(self.mean) if len(self.mean) > 1 else 3, 64, 64)
         return torch.randn(batch, c, h, w, generator=torch.Generator().manual_seed(0)).to(self.device)
 
 

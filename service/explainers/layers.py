@@ -329,16 +329,6 @@ def _default_layer(layers: list[LayerInfo], reached: dict[str, bool]) -> str | N
     return (same or live)[-1].name
 
 
-def detect_target_layer(module: nn.Module, example: Tensor) -> str | None:
-    """The CAM target layer of a model without a configured one, or ``None`` (no CAM methods).
-
-    Measured (``describe_layers``) where the module takes hooks, by structure otherwise.
-    """
-    if not supports_hooks(module):
-        return layer_before_head(module)
-    return describe_layers(module, example).default
-
-
 # class names (``original_name`` for TorchScript) that make up a classifier head
 _HEAD_KINDS = frozenset(
     {

@@ -99,10 +99,7 @@ class Targets:
                     f"top_k must be in [1, {num_classes}] (got {self.top_k})", field="top_k"
                 )
             return self
-        for row in self.classes:
-            for c in row:
-                if not 0 <= c < num_classes:
-                    raise TargetOutOfRange(f"target {c} is outside [0, {num_classes})", field="target")
+        check_range(torch.tensor(self.classes, dtype=torch.int64), num_classes)
         return self
 
     def check_images(self, n: int) -> None:
