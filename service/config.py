@@ -20,6 +20,20 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    # --- access ----------------------------------------------------------------------------------
+    api_keys: str | None = Field(
+        None,
+        description="comma-separated API keys; set (or api_keys_file) → every /v1 route needs one",
+        repr=False,
+    )
+    api_keys_file: Path | None = Field(None, description="a file of API keys, one per line (# comments)")
+    metrics_require_key: bool = Field(False, description="/metrics needs an API key too")
+    cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty: none")
+    max_sync_per_key: int = Field(
+        8, ge=1, description="concurrent synchronous requests per API key before 429"
+    )
+    max_jobs_per_key: int = Field(20, ge=1, description="queued or running jobs per API key before 429")
+
     # --- models ----------------------------------------------------------------------------------
     models_config: Path | None = Field(
         None, description="TOML file with [[models]] tables; unset: the builtin efficientnet_lite0."
@@ -50,6 +64,24 @@ class Settings(BaseSettings):
         4096, ge=1, description="images × targets × steps × samples above this → 422, use /v1/jobs"
     )
     default_batch_size: int = Field(32, ge=1, le=1024)
+    batch_memory_bytes: int = Field(
+        4 * 1024**3,
+        ge=16 * 1024**2,
+        description="activation memory one engine call may use per model: batch_size is clamped to it",
+    )
+    prepared_copies: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="private attribution copies kept per model (one per CAM layer in use; LRU)",
+    )
+    max_response_bytes: int = Field(
+        128 * 1024**2,
+        ge=64 * 1024,
+        description="estimated response bodies above this → 422 response-too-large",
+    )
+    max_json_depth: int = Field(32, ge=2, le=1000, description="nesting allowed in a JSON request body")
+    max_form_fields: int = Field(256, ge=16, le=100_000, description="form or JSON fields per request")
     batching: bool = True
     batch_max_delay_ms: float = Field(5.0, ge=0)
     batch_max_size: int = Field(16, ge=1)
@@ -61,6 +93,18 @@ class Settings(BaseSettings):
     job_queue_size: int = Field(100, ge=1)
     job_retention_s: int = Field(3600, ge=1)
     job_max_images: int = Field(256, ge=1)
+    job_max_passes: int = Field(
+        2_000_000, ge=1, description="images × targets × passes of one job above this → 422"
+    )
+    job_max_result_bytes: int = Field(
+        256 * 1024**2,
+        ge=1024,
+        description="a job whose stored result would exceed this → 422 (≤ Redis' 512 MB)",
+    )
+    job_store_max_jobs: int = Field(10_000, ge=1, description="jobs kept (any state) before 503")
+    job_store_max_bytes: int = Field(
+        4 * 1024**3, ge=1024**2, description="bytes of inputs and results kept before new jobs get 503"
+    )
     job_visibility_timeout_s: int = Field(
         6 * 3600, ge=60, description="Celery/Redis: unacked messages are redelivered after this"
     )

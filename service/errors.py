@@ -149,6 +149,38 @@ class Overloaded(SaliencyError):
         self.retry_after = retry_after
 
 
+class RateLimited(SaliencyError):
+    """One client (API key) is over its share: concurrent requests or queued jobs (429)."""
+
+    code = "rate-limited"
+    title = "Too many requests"
+
+    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Unauthorized(SaliencyError):
+    """No API key, or one the server does not know (401). Never carries the key."""
+
+    code = "unauthorized"
+    title = "Unauthorized"
+
+
+class ResponseTooLarge(SaliencyError):
+    """The response a request asks for is estimated above the server's limit (422)."""
+
+    code = "response-too-large"
+    title = "Response too large"
+
+
+class DeviceOutOfMemory(Overloaded):
+    """The device ran out of memory on a request; its cache was emptied (503, retry)."""
+
+    code = "device-out-of-memory"
+    title = "Device out of memory"
+
+
 class DeadlineExceeded(SaliencyError):
     code = "deadline-exceeded"
     title = "Request deadline exceeded"

@@ -61,6 +61,14 @@ def get_model(model: ModelName, registry: Annotated[ModelRegistry, Depends(get_r
     return registry.get(model)
 
 
+def get_owner(request: Request) -> str | None:
+    """Who is asking: the id of the request's API key (``service.api.auth``: a digest, never the
+    key), or ``None`` when the service runs without keys. Jobs belong to it; limits count by it."""
+    owner: str | None = request.scope.get("state", {}).get("principal")
+    return owner
+
+
 ServicesDep = Annotated[Services, Depends(get_services)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 ModelDep = Annotated[LoadedModel, Depends(get_model)]
+OwnerDep = Annotated[str | None, Depends(get_owner)]

@@ -19,6 +19,7 @@ from service.api.options import TargetOptions
 from service.config import Settings
 from service.errors import DeadlineExceeded, MethodNotApplicable, TooHeavy
 from service.explainers import ExplainParams, Explanation, Targets, get_method
+from service.explainers.engine import resolve_params
 from service.imaging.decode import decode_upload
 from service.imaging.geometry import Geometry
 from service.models.registry import LoadedModel
@@ -84,10 +85,21 @@ def check_methods(model: LoadedModel, methods: list[str], available: list[str]) 
 
 
 def check_cost(
-    settings: Settings, methods: list[str], params: ExplainParams, images: int, targets: Targets
+    settings: Settings,
+    model: LoadedModel,
+    methods: list[str],
+    params: ExplainParams,
+    images: int,
+    targets: Targets,
 ) -> None:
-    """``TooHeavy`` when images × targets × Σ passes exceeds the synchronous budget."""
-    passes = sum(get_method(m).passes(params) for m in methods) * images * targets.per_image
+    """Each method's parameters resolved on the model (an unusable layer is refused now, before any
+    work), then ``TooHeavy`` when images × targets × Σ passes exceeds the synchronous budget.
+    Blocking (the first call may measure the model's layers): run it off the event loop."""
+    passes = 0
+    for name in methods:
+        m = get_method(name)
+        passes += m.cost(resolve_params(m, model.handle, params), model.handle)
+    passes *= images * targets.per_image
     if passes > settings.max_sync_passes:
         raise TooHeavy(
             f"this request needs {passes} forward/backward passes; synchronous requests allow "
@@ -110,7 +122,7 @@ async def explain(
     params = options.engine_params(services.settings)
     check_methods(model, methods, await available_methods(model))
     targets = options.targets(len(items), model.num_classes)
-    check_cost(services.settings, methods, params, len(items), targets)
+    await run_in_threadpool(check_cost, services.settings, model, methods, params, len(items), targets)
     x = batch(items)
     out: list[Explanation] = []
     for m in methods:

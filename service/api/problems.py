@@ -35,6 +35,9 @@ STATUS: dict[type[e.SaliencyError], int] = {
     e.InvalidParameter: 422,  # TargetOutOfRange
     e.MethodNotApplicable: 422,
     e.TooHeavy: 422,
+    e.ResponseTooLarge: 422,
+    e.Unauthorized: 401,
+    e.RateLimited: 429,
     e.CorruptImage: 422,
     e.ImageTooSmall: 422,
     e.UnsupportedImage: 415,
@@ -94,8 +97,10 @@ def from_domain(exc: e.SaliencyError, instance: str) -> ProblemResponse:
         log.error("unmapped domain error %s: %s", type(exc).__name__, exc.message)
         return internal_error(instance)
     headers: dict[str, str] = {}
-    if isinstance(exc, e.Overloaded):
+    if isinstance(exc, e.Overloaded | e.RateLimited):
         headers["Retry-After"] = str(exc.retry_after)
+    elif isinstance(exc, e.Unauthorized):
+        headers["WWW-Authenticate"] = 'Bearer realm="saliency"'
     elif isinstance(exc, e.NotReady | e.ModelLoadError):
         headers["Retry-After"] = str(NOT_READY_RETRY_AFTER_S)
     errors = exc.extra.get("errors")

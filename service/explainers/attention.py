@@ -23,7 +23,7 @@ from service.explainers.attention_capture import (
     head,
     transformer,
 )
-from service.explainers.base import Attribution, Method, Need, RunContext, register
+from service.explainers.base import Attribution, Method, ModelHandle, Need, RunContext, register
 from service.explainers.params import ExplainParams, HeadFusion
 from service.explainers.targets import choose
 
@@ -193,6 +193,11 @@ class LeGrad(AttentionMethod):
     def passes(self, params: ExplainParams) -> int:
         """One forward, one backward per block (``NOMINAL_BLOCKS`` when all; ``attribute`` corrects it)."""
         return 1 + (params.legrad_layers or NOMINAL_BLOCKS)
+
+    def cost(self, params: ExplainParams, handle: ModelHandle) -> int:
+        """One forward, one backward per chosen block of this model."""
+        blocks = len(attention_blocks(handle.module))
+        return 1 + min(params.legrad_layers or blocks, blocks)
 
     def attribute(self, ctx: RunContext, x: Tensor, targets: Tensor) -> Attribution:
         blocks = len(attention_blocks(ctx.model))

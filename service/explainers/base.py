@@ -135,6 +135,8 @@ class ModelHandle:
         """The layers CAM methods can use, their layouts and the default (``describe_layers``),
         measured once on the private copy at the model's input size. A module that refuses hooks
         (TorchScript) lists none; its default layer is found by structure."""
+        if self._layers is not None:  # measured once; no lock needed to read it (an explanation holds it)
+            return self._layers
         with self.lock:
             if self._layers is None:
                 if supports_hooks(self.module):
@@ -410,8 +412,15 @@ class Method(ABC):
         """Method-specific: raise ``MethodNotApplicable`` if this model cannot be explained this way."""
 
     def passes(self, params: ExplainParams) -> int:
-        """Forward/backward passes per (image, target) pair: the cost used for limits and progress."""
+        """Forward/backward passes per (image, target) pair, before the model is seen: the nominal
+        count progress starts from."""
         return 1
+
+    def cost(self, params: ExplainParams, handle: ModelHandle) -> int:
+        """Passes per (image, target) pair on this model (``params`` resolved: the layer set): the
+        count the synchronous budget and the job caps use. Methods whose passes depend on the
+        model (channels of the layer, attention blocks) override it."""
+        return self.passes(params)
 
     @abstractmethod
     def attribute(self, ctx: RunContext, x: Tensor, targets: Tensor) -> Attribution:

@@ -146,6 +146,9 @@ class NoiseTunnel(Method):
     def passes(self, params: ExplainParams) -> int:
         return params.samples * self.inner.passes(params)
 
+    def cost(self, params: ExplainParams, handle: ModelHandle) -> int:
+        return params.samples * self.inner.cost(params, handle)
+
     def attribute(self, ctx: RunContext, x: Tensor, targets: Tensor) -> Attribution:
         x = x.float()
         m, samples = x.shape[0], ctx.params.samples

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from service.explainers.base import Attribution, Method, Need, RunContext, register
+from service.explainers.base import Attribution, Method, ModelHandle, Need, RunContext, register
 from service.explainers.cam import distinct_images
 from service.explainers.figures import CAM_HEATMAP
 from service.explainers.hooks import capture
@@ -53,6 +53,12 @@ class ScoreCam(Method):
     def passes(self, params: ExplainParams) -> int:
         """Nominal 1 + ``NOMINAL_CHANNELS``; ``attribute`` corrects the total once it sees the layer."""
         return 1 + NOMINAL_CHANNELS
+
+    def cost(self, params: ExplainParams, handle: ModelHandle) -> int:
+        """One pass, plus one per channel of the layer as measured (``GET …/layers``)."""
+        if params.layer is None:
+            return self.passes(params)
+        return 1 + handle.layers().get(params.layer).shape[0]
 
     def attribute(self, ctx: RunContext, x: Tensor, targets: Tensor) -> Attribution:
         images, image_of = distinct_images(x)
