@@ -15,13 +15,17 @@ from contextlib import asynccontextmanager
 
 import torch
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import Scope
 
 import service
 from service.api import docs, problems
+from service.api.auth import KEY_HEADER, AuthMiddleware, KeyLimits, KeyRing, is_loopback, open_paths
 from service.api.deps import Services
 from service.api.middleware import EdgeMiddleware
+from service.api.openapi import install_security
 from service.api.request import body_limit
+from service.api.responses import TARGET_HEADERS
 from service.api.routes import explain, jobs, methods, models, ops
 from service.config import Settings, get_settings
 from service.errors import SaliencyError
@@ -50,7 +54,19 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     settings = settings or get_settings()
     metrics = Metrics()
     executor = Executor.from_settings(settings, metrics)
-    services = Services(settings=settings, metrics=metrics, executor=executor)
+    keys = KeyRing.from_settings(settings)
+    if keys is None and not is_loopback(settings.host):
+        log.warning(
+            "listening on %s without API keys: anyone who reaches the port can run work; "
+            "set SALIENCY_API_KEYS or SALIENCY_API_KEYS_FILE",
+            settings.host,
+        )
+    services = Services(
+        settings=settings,
+        metrics=metrics,
+        executor=executor,
+        key_limits=KeyLimits(settings.max_sync_per_key),
+    )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -82,10 +98,24 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     def limit(scope: Scope) -> int:
         return body_limit(settings)
 
+    # outermost last: the edge (request id, body limit, metrics) sees every answer, CORS preflights
+    # pass before the key check, and the key check runs before any route
+    app.add_middleware(AuthMiddleware, keys=keys, open=open_paths(settings))
+    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    if origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", KEY_HEADER, "Content-Type", "Accept", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After", "Location", *TARGET_HEADERS],
+            max_age=600,
+        )
     app.add_middleware(EdgeMiddleware, max_body_bytes=limit, metrics=metrics)
     for router in (models.router, methods.router, explain.router, jobs.router, ops.router):
         app.include_router(router)
     docs.install(app, title=TITLE)
+    install_security(app, required=keys is not None, open_paths=open_paths(settings))
     return app
 
 

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Path, Request
 
+from service.api.auth import KeyLimits
 from service.config import Settings
 from service.errors import NotReady
 from service.metrics import Metrics
@@ -26,6 +27,7 @@ class Services:
     settings: Settings
     metrics: Metrics
     executor: Executor
+    key_limits: KeyLimits
     registry: ModelRegistry | None = None
     jobs: Any = None  # service.runtime.jobs.JobService once started
     load_error: str | None = None

@@ -7,7 +7,8 @@
   the limit the request gets 413, whatever the route was doing with the body.
 - Anything that escapes the app (a bug) is logged with its traceback and becomes a problem+json
   500 that carries no internals.
-- Request durations go to the Prometheus histogram, labelled by route template (not raw path).
+- Request durations go to the Prometheus histogram, labelled from closed sets only: the route
+  template (``unmatched`` for any path no route serves), a standard verb or ``other``, the status.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from service.metrics import Metrics
 log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "X-Request-ID"
+# the verbs a metrics label may name; any other (``curl -X ZZ123``) is counted as ``other``
+STANDARD_VERBS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
 
 
@@ -117,8 +120,9 @@ class EdgeMiddleware:
     def _observe(self, scope: Scope, status: int, seconds: float) -> None:
         route = scope.get("route")
         template = getattr(route, "path", None) or "unmatched"
+        verb = scope.get("method", "")
         self.metrics.request_duration.labels(
-            method=scope.get("method", ""), route=template, status=str(status)
+            method=verb if verb in STANDARD_VERBS else "other", route=template, status=str(status)
         ).observe(seconds)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from fastapi import FastAPI
 from pydantic import BaseModel
 
 from service.api.options import RequestOptions, field_order
@@ -217,3 +218,46 @@ def predict_responses() -> dict[int | str, dict[str, Any]]:
         },
         **problem_responses(404, 406, 413, 415, 422, 503, 504),
     }
+
+
+# ------------------------------------------------------------------------------------------------
+# security: the API keys (Swagger UI's "Authorize" button)
+# ------------------------------------------------------------------------------------------------
+SECURITY_SCHEMES: dict[str, Any] = {
+    "bearer": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <API key>"},
+    "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "X-API-Key: <API key>"},
+}
+
+
+def install_security(app: FastAPI, *, required: bool, open_paths: frozenset[str]) -> None:
+    """Document the API keys on every protected operation. ``required`` (keys configured): a
+    key is needed; otherwise the schemes are listed as optional (``{}`` among the alternatives),
+    so the same schema reads right for a server with keys and one without."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
+        alternatives: list[dict[str, list[str]]] = [{"bearer": []}, {"apiKey": []}]
+        if not required:
+            alternatives.append({})
+        for path, operations in schema.get("paths", {}).items():
+            if path in open_paths:
+                continue
+            for operation in operations.values():
+                operation["security"] = alternatives
+                operation.setdefault("responses", {}).setdefault(
+                    "401",
+                    {
+                        "description": "no API key, or an unknown one (when the server requires keys)",
+                        "content": {
+                            "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+                        },
+                    },
+                )
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

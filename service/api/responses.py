@@ -202,6 +202,9 @@ def json_response(body: dict[str, Any], headers: dict[str, str] | None = None) -
 # ------------------------------------------------------------------------------------------------
 # images and arrays
 # ------------------------------------------------------------------------------------------------
+TARGET_HEADERS = ("X-Target-Index", "X-Target-Label", "X-Target-Score", "X-Elapsed-Ms")
+
+
 def target_headers(model: LoadedModel, expl: Explanation, i: int, elapsed_ms: float) -> dict[str, str]:
     """``X-Target-Index``, ``-Label``, ``-Score`` of image ``i``'s first target, and ``X-Elapsed-Ms``."""
     index = int(expl.targets[i, 0])

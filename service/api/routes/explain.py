@@ -7,11 +7,12 @@ executor, render (``responses``, off the loop). The request body is read by ``pa
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from service.api import pipeline
+from service.api.auth import sync_slot
 from service.api.deps import ModelDep, ServicesDep
 from service.api.openapi import compare_responses, explain_responses, image_request_body, predict_responses
 from service.api.options import CompareOptions, ExplainOptions, PredictOptions
@@ -31,7 +32,8 @@ from service.imaging.grid import Row, compare_grid, keys
 from service.imaging.options import RenderParams
 from service.models.registry import LoadedModel
 
-router = APIRouter(prefix="/v1/models/{model}", tags=["explain"])
+# every synchronous image route holds one of the caller's concurrent slots (``auth.sync_slot``)
+router = APIRouter(prefix="/v1/models/{model}", tags=["explain"], dependencies=[Depends(sync_slot)])
 
 EXPLAIN_FORMATS = ("png", "overlay", "json", "npy")
 COMPARE_FORMATS = ("png", "json")
