@@ -6,8 +6,11 @@ so the event loop never blocks on CPU work and ``/healthz`` answers while a requ
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 from PIL import Image
@@ -23,6 +26,8 @@ from service.explainers.engine import resolve_params
 from service.imaging.decode import decode_upload
 from service.imaging.geometry import Geometry
 from service.models.registry import LoadedModel
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -61,9 +66,14 @@ def _prepare_all(settings: Settings, model: LoadedModel, images: list[bytes]) ->
     return out
 
 
-async def prepare_images(settings: Settings, model: LoadedModel, images: list[bytes]) -> list[Prepared]:
-    """Decode (limits, EXIF, RGB) and preprocess each upload, off the event loop."""
-    return await run_in_threadpool(_prepare_all, settings, model, images)
+async def prepare_images(
+    settings: Settings, model: LoadedModel, images: list[bytes], clock: Clock | None = None
+) -> list[Prepared]:
+    """Decode (limits, EXIF, RGB) and preprocess each upload, off the event loop (within the
+    request's deadline when ``clock`` is given)."""
+    if clock is None:
+        return await run_in_threadpool(_prepare_all, settings, model, images)
+    return await within(clock, _prepare_all, settings, model, images)
 
 
 def batch(items: list[Prepared]) -> Tensor:
@@ -109,29 +119,51 @@ def check_cost(
         )
 
 
-async def explain(
-    services: Services,
-    model: LoadedModel,
-    items: list[Prepared],
-    options: TargetOptions,
-    methods: list[str],
-    clock: Clock,
-) -> tuple[Targets, list[Explanation]]:
-    """The request's targets, resolved once, and each method's explanation of the batch for
-    them, one method after the other, within the deadline."""
+@dataclass(frozen=True)
+class Plan:
+    """A request's work, checked before any of it runs: parameters, targets and methods."""
+
+    params: ExplainParams
+    targets: Targets
+    methods: list[str]
+
+
+async def plan(
+    services: Services, model: LoadedModel, options: TargetOptions, methods: list[str], images: int
+) -> Plan:
+    """Everything a request can be refused for before its images are even decoded: methods that
+    do not apply, targets out of range, an unusable layer, the synchronous budget."""
     params = options.engine_params(services.settings)
     check_methods(model, methods, await available_methods(model))
-    targets = options.targets(len(items), model.num_classes)
-    await run_in_threadpool(check_cost, services.settings, model, methods, params, len(items), targets)
+    targets = options.targets(images, model.num_classes)
+    await run_in_threadpool(check_cost, services.settings, model, methods, params, images, targets)
+    return Plan(params, targets, methods)
+
+
+async def explain(
+    services: Services, model: LoadedModel, items: list[Prepared], work: Plan, clock: Clock
+) -> list[Explanation]:
+    """Each method's explanation of the batch for the plan's targets, one method after the
+    other, within the deadline."""
     x = batch(items)
     out: list[Explanation] = []
-    for m in methods:
+    for m in work.methods:
         expl = await services.executor.explain(
-            model.handle, x, m, params, targets=targets, timeout=clock.remaining()
+            model.handle, x, m, work.params, targets=work.targets, timeout=clock.remaining()
         )
         services.metrics.explanations.labels(model=model.name, method=m).inc(len(items))
         out.append(expl)
-    return targets, out
+    return out
+
+
+async def within(clock: Clock, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in a worker thread, answered ``DeadlineExceeded`` (504) if the request's
+    deadline passes first: decoding and rendering count against it like the model's work (the
+    thread finishes on its own; its work is bounded by the image and response limits)."""
+    try:
+        return await asyncio.wait_for(run_in_threadpool(fn, *args), clock.remaining())
+    except TimeoutError:
+        raise DeadlineExceeded(f"the request did not finish within {clock.timeout_s:g} s") from None
 
 
 async def predict(services: Services, model: LoadedModel, items: list[Prepared], clock: Clock) -> Tensor:

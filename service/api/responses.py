@@ -18,15 +18,16 @@ callers run it in a worker thread (``starlette.concurrency.run_in_threadpool``).
 
 from __future__ import annotations
 
+import io
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 from urllib.parse import quote
 
 import numpy as np
 import orjson
 from PIL import Image
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from service.api.pipeline import Prepared
 from service.errors import InvalidParameter
@@ -34,7 +35,7 @@ from service.explainers import ExplainParams, Explanation, Targets
 from service.imaging.geometry import Geometry, to_original
 from service.imaging.grid import tile_size
 from service.imaging.options import MEDIA_TYPES, RenderParams
-from service.imaging.render import encode_png, normalize, rounded, to_npy
+from service.imaging.render import encode_png, normalize, rounded
 from service.imaging.scale import Shown, shown
 from service.imaging.styles import RGB, draw, picture
 from service.models.registry import LoadedModel
@@ -163,6 +164,41 @@ def _finite(v: float) -> float:
     return v if math.isfinite(v) else 0.0
 
 
+def explain_head(
+    model: LoadedModel,
+    expl: Explanation,
+    targets: Targets,
+    render: RenderParams,
+    *,
+    fmt: str,
+    elapsed_ms: float,
+) -> dict[str, Any]:
+    """The explain JSON up to its ``explanations`` (which ``explain_entries`` makes)."""
+    return {
+        "model": model.name,
+        "method": expl.method,
+        "parameters": resolved_parameters(expl.method, targets, expl.params, render, fmt=fmt),
+        "elapsed_ms": round(elapsed_ms, 1),
+    }
+
+
+def explain_entries(
+    model: LoadedModel,
+    expl: Explanation,
+    geometries: Sequence[Geometry],
+    render: RenderParams,
+    *,
+    image_indices: bool = False,
+) -> Iterator[dict[str, Any]]:
+    """The ``explanations`` entries, one at a time: every image (upload order) × target.
+    ``image_indices`` adds each entry's ``image_index`` (job results)."""
+    for i in range(expl.maps.shape[0]):
+        for k in range(expl.maps.shape[1]):
+            yield explanation_item(
+                model, expl, i, k, geometries[i], render, image_index=i if image_indices else None
+            )
+
+
 def explain_body(
     model: LoadedModel,
     expl: Explanation,
@@ -174,20 +210,40 @@ def explain_body(
     elapsed_ms: float,
     image_indices: bool = False,
 ) -> dict[str, Any]:
-    """The explain JSON: every image (upload order) × target. ``image_indices`` adds each entry's
-    ``image_index`` (job results)."""
-    entries = [
-        explanation_item(model, expl, i, k, geometries[i], render, image_index=i if image_indices else None)
-        for i in range(expl.maps.shape[0])
-        for k in range(expl.maps.shape[1])
-    ]
-    return {
-        "model": model.name,
-        "method": expl.method,
-        "parameters": resolved_parameters(expl.method, targets, expl.params, render, fmt=fmt),
-        "elapsed_ms": round(elapsed_ms, 1),
-        "explanations": entries,
-    }
+    """The explain JSON, whole: the head and every entry."""
+    head = explain_head(model, expl, targets, render, fmt=fmt, elapsed_ms=elapsed_ms)
+    entries = explain_entries(model, expl, geometries, render, image_indices=image_indices)
+    return {**head, "explanations": list(entries)}
+
+
+def check_renderable(expl: Explanation, render: RenderParams) -> None:
+    """Refuse now what rendering would refuse half-way through a streamed body."""
+    if render.reduction == "none" and expl.attributions is None:
+        raise InvalidParameter(
+            f"reduction=none needs a gradient or path method; {expl.method} only makes a map",
+            field="reduction",
+        )
+
+
+def json_stream(head: dict[str, Any], key: str, items: Iterable[Any]) -> Iterator[bytes]:
+    """``head`` with ``key`` holding ``items``, as JSON written an item at a time: the body is
+    never whole in memory (``key`` becomes the last member). An item is a JSON value, encoded
+    bytes, or an iterator of chunks (a nested ``json_stream``)."""
+    opening = dumps({**head, key: []})
+    yield opening[:-2]  # up to and with the "[" of key's empty list: drop its closing "]}"
+    for n, item in enumerate(items):
+        if n:
+            yield b","
+        if isinstance(item, Iterator):  # a nested streamed value: its chunks as they come
+            yield from item
+        else:
+            yield item if isinstance(item, bytes) else dumps(item)
+    yield b"]}"
+
+
+def streamed(chunks: Iterator[bytes], media_type: str, headers: dict[str, str] | None = None) -> Response:
+    """A response sent as ``chunks`` come (Starlette pulls a sync iterator in a worker thread)."""
+    return StreamingResponse(chunks, media_type=media_type, headers=headers)
 
 
 def dumps(body: Any) -> bytes:
@@ -250,8 +306,20 @@ def panel_image(item: Prepared) -> Image.Image:
 
 def npy_bytes(expl: Explanation, geometry: Geometry, i: int, render: RenderParams) -> bytes:
     """Image ``i``'s raw maps, float32, stacked over targets."""
-    maps = [heatmap(expl, i, k, geometry, render) for k in range(expl.maps.shape[1])]
-    return to_npy(np.stack(maps))
+    return b"".join(npy_chunks(expl, geometry, i, render))
+
+
+def npy_chunks(expl: Explanation, geometry: Geometry, i: int, render: RenderParams) -> Iterator[bytes]:
+    """``npy_bytes`` a target at a time: the ``.npy`` header, then each target's float32 map."""
+    maps = (heatmap(expl, i, k, geometry, render) for k in range(expl.maps.shape[1]))
+    first = next(maps)
+    buf = io.BytesIO()
+    shape = (int(expl.maps.shape[1]), *first.shape)
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    yield buf.getvalue()
+    yield np.ascontiguousarray(first, dtype="<f4").tobytes()
+    for m in maps:
+        yield np.ascontiguousarray(m, dtype="<f4").tobytes()
 
 
 def render_explanation(
@@ -265,26 +333,39 @@ def render_explanation(
     elapsed_ms: float,
     index: int = 0,
     image_indices: bool = False,
+    stream: bool = False,
 ) -> Response:
     """The response in ``fmt`` (``png``, ``overlay``, ``json``, ``npy``). PNG, overlay and npy
-    show image ``index``; JSON shows every image."""
+    show image ``index``; JSON shows every image. ``stream``: JSON and npy are written a map at a
+    time as they are sent (for bodies the budget says are large)."""
+    check_renderable(expl, render)
     if fmt == "json":
+        geometries = [it.geometry for it in items]
+        timing = {"X-Elapsed-Ms": f"{elapsed_ms:.1f}"}
+        if stream:
+            head = explain_head(model, expl, targets, render, fmt=fmt, elapsed_ms=elapsed_ms)
+            entries = explain_entries(model, expl, geometries, render, image_indices=image_indices)
+            return streamed(json_stream(head, "explanations", entries), "application/json", timing)
         body = explain_body(
             model,
             expl,
-            [it.geometry for it in items],
+            geometries,
             targets,
             render,
             fmt=fmt,
             elapsed_ms=elapsed_ms,
             image_indices=image_indices,
         )
-        return json_response(body, {"X-Elapsed-Ms": f"{elapsed_ms:.1f}"})
+        return json_response(body, timing)
     if not 0 <= index < len(items):
         raise InvalidParameter(f"index must be in [0, {len(items)})", field="index")
     headers = target_headers(model, expl, index, elapsed_ms)
     if fmt == "npy":
         headers["Content-Disposition"] = f'attachment; filename="{model.name}-{expl.method}.npy"'
+        if stream:
+            return streamed(
+                npy_chunks(expl, items[index].geometry, index, render), MEDIA_TYPES["npy"], headers
+            )
         data = npy_bytes(expl, items[index].geometry, index, render)
         return Response(data, media_type=MEDIA_TYPES["npy"], headers=headers)
     if fmt in ("png", "overlay"):

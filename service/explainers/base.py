@@ -173,6 +173,9 @@ class ModelHandle:
     def _offers(self, need: str) -> bool:
         if need == "layer":
             return self.default_layer() is not None
+        known = self._measured.get(need)
+        if known is not None:  # measured once; read without the lock a running explanation holds
+            return known
         with self.lock:
             if need not in self._measured:
                 self._measured[need] = self._measure(need)

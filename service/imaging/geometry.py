@@ -115,9 +115,19 @@ def _axis_weights(
     return i0, i1, (u - i0).astype(np.float32), inside
 
 
+#: output elements (channels × rows × width) mapped per block: bounds the temporaries of ``to_original``
+BLOCK_ELEMENTS = 1 << 20
+
+
 def to_original(m: np.ndarray | Tensor, geometry: Geometry) -> np.ndarray:
     """Map ``m`` (h, w) or (C, h, w), at model resolution, onto the uploaded image: float32
-    (orig_h, orig_w) or (C, orig_h, orig_w). Bilinear; pixels outside the crop box are 0."""
+    (orig_h, orig_w) or (C, orig_h, orig_w). Bilinear; pixels outside the crop box are 0.
+
+    Memory is the output plus a bounded block: the output's rows are made a block at a time
+    (about ``BLOCK_ELEMENTS`` values), each from the two model rows it reads, interpolated first
+    down the columns at the model's width, then along the row at the output's. No intermediate
+    is as large as h × orig_w, which for a 1 000 000 × 8 upload would be gigabytes.
+    """
     arr = m.detach().cpu().numpy() if isinstance(m, Tensor) else np.asarray(m)
     arr = arr.astype(np.float32, copy=False)
     squeeze = arr.ndim == 2
@@ -125,13 +135,23 @@ def to_original(m: np.ndarray | Tensor, geometry: Geometry) -> np.ndarray:
         arr = arr[None]
     if arr.ndim != 3:
         raise ValueError(f"expected a map shaped (h, w) or (C, h, w), got {arr.shape}")
-    _, h, w = arr.shape
+    c, h, w = arr.shape
+    height, width = geometry.original_height, geometry.original_width
     left, top, right, bottom = geometry.crop_box
-    x0, x1, wx, in_x = _axis_weights(geometry.original_width, w, left, right)
-    y0, y1, wy, in_y = _axis_weights(geometry.original_height, h, top, bottom)
-    cols = arr[:, :, x0] * (1.0 - wx) + arr[:, :, x1] * wx  # (C, h, orig_w)
-    out = cols[:, y0, :] * (1.0 - wy)[:, None] + cols[:, y1, :] * wy[:, None]  # (C, orig_h, orig_w)
-    if not (in_x.all() and in_y.all()):
-        out *= (in_y[:, None] & in_x[None, :]).astype(np.float32)
-    out = np.ascontiguousarray(out, dtype=np.float32)
+    x0, x1, wx, in_x = _axis_weights(width, w, left, right)
+    y0, y1, wy, in_y = _axis_weights(height, h, top, bottom)
+    ux = 1.0 - wx
+    out = np.empty((c, height, width), dtype=np.float32)
+    rows_per_block = max(1, BLOCK_ELEMENTS // max(1, c * max(width, w)))
+    for r0 in range(0, height, rows_per_block):
+        r1 = min(height, r0 + rows_per_block)
+        ry = wy[r0:r1, None]
+        rows = arr[:, y0[r0:r1], :] * (1.0 - ry) + arr[:, y1[r0:r1], :] * ry  # (C, b, w)
+        block = out[:, r0:r1, :]
+        np.multiply(rows[:, :, x0], ux, out=block)
+        block += rows[:, :, x1] * wx
+    if not in_x.all():
+        out[:, :, ~in_x] = 0.0
+    if not in_y.all():
+        out[:, ~in_y, :] = 0.0
     return out[0] if squeeze else out

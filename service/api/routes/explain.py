@@ -7,11 +7,12 @@ executor, render (``responses``, off the loop). The request body is read by ``pa
 
 from __future__ import annotations
 
+from functools import partial
+
 from fastapi import APIRouter, Depends, Request
-from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from service.api import pipeline
+from service.api import budget, pipeline
 from service.api.auth import sync_slot
 from service.api.deps import ModelDep, ServicesDep
 from service.api.openapi import compare_responses, explain_responses, image_request_body, predict_responses
@@ -19,11 +20,16 @@ from service.api.options import CompareOptions, ExplainOptions, PredictOptions
 from service.api.pipeline import Prepared
 from service.api.request import choose_format, parse_request
 from service.api.responses import (
+    check_renderable,
     explain_body,
+    explain_entries,
+    explain_head,
     json_response,
+    json_stream,
     panel,
     panel_image,
     render_explanation,
+    streamed,
     target_headers,
 )
 from service.errors import InvalidParameter
@@ -52,7 +58,7 @@ async def predict(request: Request, model: ModelDep, services: ServicesDep) -> R
     parsed = await parse_request(request, PredictOptions, settings)
     choose_format(None, parsed.accept, ("json",))
     top_k = Targets.top(parsed.options.top_k).check(model.num_classes).top_k
-    items = await pipeline.prepare_images(settings, model, parsed.images)
+    items = await pipeline.prepare_images(settings, model, parsed.images, clock)
     probs = (await pipeline.predict(services, model, items, clock))[0]
     values, indices = probs.topk(top_k)
     predictions = [
@@ -83,10 +89,28 @@ async def explain(request: Request, model: ModelDep, services: ServicesDep) -> R
     fmt = choose_format(render.format, parsed.accept, EXPLAIN_FORMATS)
     if render.reduction == "none" and fmt in ("png", "overlay"):
         raise InvalidParameter("reduction=none needs format=json or npy", field="reduction")
-    items = await pipeline.prepare_images(settings, model, parsed.images)
-    targets, [expl] = await pipeline.explain(services, model, items, options, [options.method], clock)
-    return await run_in_threadpool(
-        render_explanation, fmt, model, expl, items, targets, render, elapsed_ms=clock.elapsed_ms
+    work = await pipeline.plan(services, model, options, [options.method], len(parsed.images))
+    items = await pipeline.prepare_images(settings, model, parsed.images, clock)
+    size = budget.check(
+        settings,
+        budget.answer(
+            fmt,
+            render,
+            [it.geometry for it in items],
+            targets=work.targets.per_image,
+            channels=channels(items),
+        ),
+    )
+    [expl] = await pipeline.explain(services, model, items, work, clock)
+    return await pipeline.within(
+        clock,
+        partial(render_explanation, elapsed_ms=clock.elapsed_ms, stream=size > budget.STREAM_BYTES),
+        fmt,
+        model,
+        expl,
+        items,
+        work.targets,
+        render,
     )
 
 
@@ -108,11 +132,35 @@ async def compare(request: Request, model: ModelDep, services: ServicesDep) -> R
     fmt = choose_format(render.format, parsed.accept, COMPARE_FORMATS)
     methods = options.method_list(await pipeline.available_methods(model))
     renders = [render.resolve(get_method(m).rendering) for m in methods]
-    items = await pipeline.prepare_images(settings, model, parsed.images)
-    targets, results = await pipeline.explain(services, model, items, options, methods, clock)
-    return await run_in_threadpool(
-        _render_compare, fmt, model, results, items, targets, renders, clock.elapsed_ms
+    work = await pipeline.plan(services, model, options, methods, len(parsed.images))
+    items = await pipeline.prepare_images(settings, model, parsed.images, clock)
+    shape = budget.answer(
+        "grid" if fmt == "png" else fmt,
+        render.resolve(get_method(methods[0]).rendering),
+        [it.geometry for it in items],
+        targets=work.targets.per_image,
+        channels=channels(items),
+        methods=len(methods),
     )
+    size = budget.check(settings, shape)
+    results = await pipeline.explain(services, model, items, work, clock)
+    return await pipeline.within(
+        clock,
+        _render_compare,
+        fmt,
+        model,
+        results,
+        items,
+        work.targets,
+        renders,
+        clock.elapsed_ms,
+        size > budget.STREAM_BYTES,
+    )
+
+
+def channels(items: list[Prepared]) -> int:
+    """The model input's channels (the values per pixel of a ``reduction=none`` map)."""
+    return int(items[0].x.shape[0])
 
 
 def _render_compare(
@@ -123,20 +171,33 @@ def _render_compare(
     targets: Targets,
     renders: list[RenderParams],
     elapsed_ms: float,
+    stream: bool = False,
 ) -> Response:
     if fmt == "json":
         geometries = [it.geometry for it in items]
-        bodies = [
-            explain_body(model, expl, geometries, targets, render, fmt=fmt, elapsed_ms=elapsed_ms)
-            for expl, render in zip(results, renders, strict=True)
-        ]
-        body = {
+        for expl, render in zip(results, renders, strict=True):
+            check_renderable(expl, render)
+        head = {
             "model": model.name,
             "methods": [expl.method for expl in results],
             "elapsed_ms": round(elapsed_ms, 1),
-            "results": bodies,
         }
-        return json_response(body, {"X-Elapsed-Ms": f"{elapsed_ms:.1f}"})
+        timing = {"X-Elapsed-Ms": f"{elapsed_ms:.1f}"}
+        if stream:  # each method's body is itself written an entry at a time
+            bodies = (
+                json_stream(
+                    explain_head(model, expl, targets, render, fmt=fmt, elapsed_ms=elapsed_ms),
+                    "explanations",
+                    explain_entries(model, expl, geometries, render),
+                )
+                for expl, render in zip(results, renders, strict=True)
+            )
+            return streamed(json_stream(head, "results", bodies), "application/json", timing)
+        whole = [
+            explain_body(model, expl, geometries, targets, render, fmt=fmt, elapsed_ms=elapsed_ms)
+            for expl, render in zip(results, renders, strict=True)
+        ]
+        return json_response({**head, "results": whole}, timing)
     png = compare_png(model, results, items[0], renders)
     return Response(png, media_type="image/png", headers=target_headers(model, results[0], 0, elapsed_ms))
 
