@@ -102,10 +102,23 @@ class MethodNotApplicable(SaliencyError):
 
 
 class TooHeavy(SaliencyError):
-    """Work too large for a synchronous request; the client should submit a job instead."""
+    """Work too large for where it was asked: a synchronous request (submit a job instead) or a
+    job (above ``job_max_passes`` or ``job_max_result_bytes``: split it)."""
 
     code = "too-heavy"
     title = "Too heavy for a synchronous request"
+
+
+class ResultTooLarge(TooHeavy):
+    """A job's encoded result is larger than the store keeps (``job_max_result_bytes``).
+
+    Submission refuses jobs whose estimated result is too large; this is the backstop when the
+    estimate fell short. 422 (through ``TooHeavy``), not 507: the limit is a property of the
+    request (the same job fails the same way every time, whatever the server's free space), and
+    the remedy is the client's (fewer images, targets or per-channel attributions)."""
+
+    code = "result-too-large"
+    title = "Result too large"
 
 
 # --- images --------------------------------------------------------------------------------------

@@ -139,18 +139,24 @@ def test_result_json_one_entry_per_image_and_target_in_upload_order(
 
 
 def test_png_overlay_and_npy_per_image_index(client: TestClient, images: list[bytes]) -> None:
+    """Overlays need the uploads, which only a job submitted with format=overlay keeps."""
     job = submit(client, images, method="gradcam")
+    drawn = submit(client, images, method="gradcam", format="overlay")
     wait_for(client, job["id"], "succeeded")
+    wait_for(client, drawn["id"], "succeeded")
     url = f"/v1/jobs/{job['id']}/result"
     for i, (w, h) in enumerate(SIZES):
-        for fmt in ("png", "overlay"):
-            r = client.get(url, params={"format": fmt, "index": i})
+        for fmt, at in (("png", url), ("overlay", f"/v1/jobs/{drawn['id']}/result")):
+            r = client.get(at, params={"format": fmt, "index": i})
             assert r.status_code == 200 and r.headers["content-type"] == "image/png"
             assert Image.open(io.BytesIO(r.content)).size == (w, h)
             assert 0 <= int(r.headers["x-target-index"]) < 10
         r = client.get(url, params={"format": "npy", "index": i, "resolution": "model"})
         assert r.status_code == 200
         assert np.load(io.BytesIO(r.content)).shape == (1, 64, 64)
+    body = problem(client.get(url, params={"format": "overlay", "index": 0}), 422)
+    assert "format=overlay" in body["detail"] and body["errors"][0]["field"] == "format"
+    assert client.get(f"/v1/jobs/{drawn['id']}/result").headers["content-type"] == "image/png"
     # the heatmap PNG of image 1 differs from that of image 0: index selects the image
     a = client.get(url, params={"format": "png", "index": 0, "resolution": "model"}).content
     b = client.get(url, params={"format": "png", "index": 1, "resolution": "model"}).content
@@ -198,7 +204,7 @@ def test_rgb_results_need_the_per_channel_attribution(client: TestClient, images
     assert rgb.shape == (64, 64, 3) and np.abs(rgb[..., 0] - rgb[..., 1]).max() > 0  # colours, not a table
     assert client.get(f"/v1/jobs/{gbp['id']}/result").json()["parameters"]["colormap"] == "rgb"
     url = f"/v1/jobs/{ig['id']}/result"
-    assert client.get(url, params={"format": "overlay"}).status_code == 200
+    assert client.get(url, params={"format": "png"}).status_code == 200
     body = problem(client.get(url, params={"format": "png", "colormap": "rgb"}), 422)
     assert body["errors"][0]["field"] == "colormap"
 

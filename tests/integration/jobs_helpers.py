@@ -123,3 +123,50 @@ def start_api(env: dict[str, str], log: Path) -> tuple[Proc, str]:
 
 def start_worker(env: dict[str, str], log: Path, name: str) -> Proc:
     return Proc(["worker", f"--hostname={name}@%h"], env, log)
+
+
+class RedisServer:
+    """A ``redis-server`` of a test's own on a fixed port, with the append-only file on, so it can be
+    stopped and started again with its data (a restart, as a deploy or a crash-loop does)."""
+
+    def __init__(self, folder: Path) -> None:
+        import shutil
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            import pytest
+
+            pytest.skip("no redis-server on the PATH")
+        self.binary = binary
+        self.folder = folder
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        flags = f"--bind 127.0.0.1 --port {self.port} --appendonly yes --appendfsync always"
+        with (self.folder / "redis.log").open("ab") as log:
+            self.popen = subprocess.Popen(
+                [self.binary, *flags.split(), "--save", "", "--dir", str(self.folder)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        until(self._pings, f"Redis on port {self.port}", timeout=20)
+
+    def stop(self) -> None:
+        """SIGTERM: Redis flushes its append-only file and exits."""
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.terminate()
+            self.popen.wait(30)
+        self.popen = None
+
+    def _pings(self) -> bool:
+        import redis
+
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=1)
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:
+            return False
+        finally:
+            client.close()

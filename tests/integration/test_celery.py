@@ -129,12 +129,12 @@ def test_a_worker_runs_jobs_and_the_api_answers_from_redis(
     client: TestClient, settings: dict[str, Any], workers: list[Any], tmp_path: Path
 ) -> None:
     images = [png(0), png(1, (30, 44))]
-    job = submit(client, images, method="gradcam", top_k="2")
+    job = submit(client, images, method="gradcam", top_k="2", format="overlay")
     assert job["status"] == "queued" and client.get(f"/v1/jobs/{job['id']}").headers["retry-after"] == "2"
     workers.append(start_worker(service_env(**settings), tmp_path / "w1.log", "w1"))
     done = wait_status(client, job["id"], "succeeded", "failed")
     assert done["status"] == "succeeded", (done, workers[0].tail())
-    body = client.get(f"/v1/jobs/{job['id']}/result").json()
+    body = client.get(f"/v1/jobs/{job['id']}/result", params={"format": "json"}).json()
     assert [e["image_index"] for e in body["explanations"]] == [0, 0, 1, 1]
     # the worker's maps equal the API process's own synchronous explanation of the same image
     for i, data in enumerate(images):

@@ -19,14 +19,15 @@ import pytest
 import torch
 from helpers import redis_server
 
-from service.errors import JobExpired, JobNotFinished, JobNotFound, Overloaded
+from service.errors import JobExpired, JobNotFinished, JobNotFound, Overloaded, RateLimited
 from service.explainers import ExplainParams, Explanation
 from service.imaging.geometry import make_geometry
 from service.runtime.jobs.redis_store import RedisJobStore
-from service.runtime.jobs.result import JobResult, concat, decode, encode
+from service.runtime.jobs.result import JobResult, concat, decode, encode, encoded_size
 from service.runtime.jobs.store import (
     JobRecord,
     JobSpec,
+    Limits,
     MemoryJobStore,
     error_class,
     new_job_id,
@@ -34,6 +35,7 @@ from service.runtime.jobs.store import (
 )
 
 RETENTION_S = 60
+LIMITS = Limits.only_queue(10)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -58,9 +60,14 @@ def store(request: pytest.FixtureRequest) -> Iterator[Any]:
     if request.param == "memory":
         yield MemoryJobStore(RETENTION_S, clock=Clock())
         return
-    url = request.getfixturevalue("redis_url")
+    yield request.getfixturevalue("redis_store")
+
+
+@pytest.fixture()
+def redis_store(redis_url: str) -> Iterator[RedisJobStore]:
+    """A Redis store in a namespace of its own, dropped afterwards (for what only Redis does)."""
     s = RedisJobStore(
-        url, namespace=f"test-{uuid.uuid4().hex[:8]}", retention_s=RETENTION_S, active_ttl_s=3600
+        redis_url, namespace=f"test-{uuid.uuid4().hex[:8]}", retention_s=RETENTION_S, active_ttl_s=3600
     )
     try:
         yield s
@@ -70,7 +77,7 @@ def store(request: pytest.FixtureRequest) -> Iterator[Any]:
         s.close()
 
 
-def make_record(images: int = 2) -> JobRecord:
+def make_record(images: int = 2, *, owner: str | None = None, keep_inputs: bool = False) -> JobRecord:
     spec = JobSpec(
         model="tiny",
         method="integrated_gradients",
@@ -78,9 +85,10 @@ def make_record(images: int = 2) -> JobRecord:
         targets=[3],
         top_k=1,
         images=images,
+        keep_inputs=keep_inputs,
         options={"colormap": "viridis"},
     )
-    return JobRecord(id=new_job_id(), status="queued", spec=spec, created_at=time.time())
+    return JobRecord(id=new_job_id(), status="queued", spec=spec, created_at=time.time(), owner=owner)
 
 
 def make_old_heartbeat(store: Any, job_id: str) -> None:
@@ -98,6 +106,7 @@ def expire(store: Any, job_id: str) -> None:
     else:
         job, result, inputs = store._keys(job_id, "job", "result", "inputs")
         store.redis.delete(job, result, inputs)  # what their TTL does; the tombstone outlives them
+        store.redis.zadd(store._global("expiry"), {job_id: 0}, xx=True)  # its deadline has passed
 
 
 # ------------------------------------------------------------------------------------------------
@@ -106,7 +115,7 @@ def expire(store: Any, job_id: str) -> None:
 def test_create_get_and_inputs_in_order(store: Any) -> None:
     record = make_record()
     images = [b"\x89PNG first \x00\xff", b"second" * 1000]
-    store.create(record, images, max_queued=10)
+    store.create(record, images, limits=LIMITS)
     got = store.get(record.id)
     assert got.status == "queued" and got.progress == 0.0 and got.attempts == 0
     assert got.spec == record.spec and got.created_at > 0
@@ -117,21 +126,21 @@ def test_create_get_and_inputs_in_order(store: Any) -> None:
 
 def test_queue_bound(store: Any) -> None:
     first, second, third = make_record(), make_record(), make_record()
-    store.create(first, [b"a"], max_queued=2)
-    store.create(second, [b"b"], max_queued=2)
+    store.create(first, [b"a"], limits=Limits.only_queue(2))
+    store.create(second, [b"b"], limits=Limits.only_queue(2))
     with pytest.raises(Overloaded) as info:
-        store.create(third, [b"c"], max_queued=2)
+        store.create(third, [b"c"], limits=Limits.only_queue(2))
     assert info.value.retry_after >= 1
     with pytest.raises(JobNotFound):
         store.get(third.id)
     assert store.start(first.id, "w") is not None  # running jobs do not count against the bound
-    store.create(third, [b"c"], max_queued=2)
+    store.create(third, [b"c"], limits=Limits.only_queue(2))
     assert store.counts() == {"queued": 2, "running": 1}
 
 
 def test_start_is_compare_and_set_and_progress_needs_the_lease(store: Any) -> None:
     record = make_record()
-    store.create(record, [b"a", b"b"], max_queued=10)
+    store.create(record, [b"a", b"b"], limits=LIMITS)
     lease = store.start(record.id, "worker-1")
     assert lease is not None
     assert store.start(record.id, "worker-2") is None
@@ -148,8 +157,8 @@ def test_start_is_compare_and_set_and_progress_needs_the_lease(store: Any) -> No
 
 
 def test_finish_succeeded_keeps_result_and_inputs(store: Any) -> None:
-    record = make_record()
-    store.create(record, [b"a", b"b"], max_queued=10)
+    record = make_record(keep_inputs=True)
+    store.create(record, [b"a", b"b"], limits=LIMITS)
     lease = store.start(record.id, "w")
     with pytest.raises(JobNotFinished):
         store.result(record.id)
@@ -159,7 +168,7 @@ def test_finish_succeeded_keeps_result_and_inputs(store: Any) -> None:
     done = store.get(record.id)
     assert done.status == "succeeded" and done.progress == 1.0 and done.finished_at is not None
     assert store.result(record.id) == blob
-    assert store.inputs(record.id) == [b"a", b"b"]  # kept for overlays
+    assert store.inputs(record.id) == [b"a", b"b"]  # kept for overlays (keep_inputs)
     assert not store.finish(record.id, lease, "failed", error={"code": "x"})
     assert store.get(record.id).status == "succeeded"
     assert store.counts() == {"queued": 0, "running": 0}
@@ -167,7 +176,7 @@ def test_finish_succeeded_keeps_result_and_inputs(store: Any) -> None:
 
 def test_finish_failed_keeps_the_problem(store: Any) -> None:
     record = make_record()
-    store.create(record, [b"a"], max_queued=10)
+    store.create(record, [b"a"], limits=LIMITS)
     lease = store.start(record.id, "w")
     error = {"code": "invalid-parameter", "title": "Invalid parameter", "detail": "bad"}
     assert store.finish(record.id, lease, "failed", error=error)
@@ -180,7 +189,7 @@ def test_finish_failed_keeps_the_problem(store: Any) -> None:
 
 def test_cancel_queued_never_starts(store: Any) -> None:
     record = make_record()
-    store.create(record, [b"a"], max_queued=10)
+    store.create(record, [b"a"], limits=LIMITS)
     cancelled = store.cancel(record.id)
     assert cancelled.status == "cancelled" and cancelled.finished_at is not None
     assert store.start(record.id, "w") is None
@@ -189,7 +198,7 @@ def test_cancel_queued_never_starts(store: Any) -> None:
 
 def test_cancel_running_takes_the_job_from_its_worker(store: Any) -> None:
     record = make_record()
-    store.create(record, [b"a"], max_queued=10)
+    store.create(record, [b"a"], limits=LIMITS)
     lease = store.start(record.id, "w")
     assert store.cancel(record.id).status == "cancelled"
     assert not store.progress(record.id, lease, 0.7)  # the worker learns at its next chunk
@@ -201,7 +210,7 @@ def test_cancel_running_takes_the_job_from_its_worker(store: Any) -> None:
 
 def test_cancel_finished_changes_nothing(store: Any) -> None:
     record = make_record()
-    store.create(record, [b"a"], max_queued=10)
+    store.create(record, [b"a"], limits=LIMITS)
     lease = store.start(record.id, "w")
     store.finish(record.id, lease, "succeeded", result=b"r")
     assert store.cancel(record.id).status == "succeeded"
@@ -219,8 +228,8 @@ def test_unknown_and_malformed_ids(store: Any) -> None:
 
 
 def test_expired_is_not_unknown(store: Any) -> None:
-    record = make_record()
-    store.create(record, [b"a"], max_queued=10)
+    record = make_record(keep_inputs=True)
+    store.create(record, [b"a"], limits=LIMITS)
     lease = store.start(record.id, "w")
     store.finish(record.id, lease, "succeeded", result=b"r")
     if isinstance(store, RedisJobStore):
@@ -238,7 +247,7 @@ def test_expired_is_not_unknown(store: Any) -> None:
 
 def test_a_stale_running_job_is_requeued_then_failed(store: Any) -> None:
     record = make_record()
-    store.create(record, [b"a"], max_queued=10)
+    store.create(record, [b"a"], limits=LIMITS)
     first = store.start(record.id, "w1")
     assert store.stale(30) == []
     assert store.recover(record.id, 30, 2) is None  # fresh heartbeat: left alone
@@ -263,6 +272,160 @@ def test_a_stale_running_job_is_requeued_then_failed(store: Any) -> None:
     )
     assert store.recover(record.id, 30, 2) is None
     assert store.counts() == {"queued": 0, "running": 0}
+
+
+def sizes(store: Any) -> tuple[int, int]:
+    """The store's own accounting: jobs kept and bytes held."""
+    used: tuple[int, int] = store.usage()
+    return used
+
+
+def succeed(
+    store: Any, record: JobRecord, inputs: list[bytes], result: bytes, limits: Limits = LIMITS
+) -> None:
+    store.create(record, inputs, limits=limits)
+    lease = store.start(record.id, "w")
+    assert store.finish(record.id, lease, "succeeded", result=result)
+
+
+# ------------------------------------------------------------------------------------------------
+# owners
+# ------------------------------------------------------------------------------------------------
+def test_another_owners_job_reads_as_an_unknown_id(store: Any) -> None:
+    record = make_record(owner="alice", keep_inputs=True)
+    succeed(store, record, [b"a", b"b"], b"r")
+    assert store.get(record.id, owner="alice").owner == "alice"
+    assert store.result(record.id, owner="alice") == b"r"
+    assert store.inputs(record.id, owner="alice") == [b"a", b"b"]
+    assert store.get(record.id).owner == "alice"  # the worker's and the maintenance's view
+    unknown = new_job_id()
+    for owner in ("bob", None):
+        for call in (store.get, store.cancel, store.result, store.inputs):
+            with pytest.raises(JobNotFound) as theirs:
+                call(record.id, owner=owner)
+            with pytest.raises(JobNotFound) as nobody:
+                call(unknown, owner=owner)
+            assert theirs.value.message == nobody.value.message.replace(unknown, record.id)
+    assert store.get(record.id, owner="alice").status == "succeeded"  # bob's cancel changed nothing
+    # once expired: 410 for its owner, still 404 for anyone else
+    expire(store, record.id)
+    with pytest.raises(JobExpired):
+        store.get(record.id, owner="alice")
+    with pytest.raises(JobNotFound):
+        store.get(record.id, owner="bob")
+
+
+def test_an_owner_may_have_so_many_active_jobs(store: Any) -> None:
+    limits = Limits(queued=100, jobs=100, bytes=10**9, per_owner=2)
+    first, second = make_record(owner="alice"), make_record(owner="alice")
+    store.create(first, [b"a"], limits=limits)
+    store.create(second, [b"a"], limits=limits)
+    store.start(second.id, "w")  # running counts as well as queued
+    third = make_record(owner="alice")
+    with pytest.raises(RateLimited) as info:
+        store.create(third, [b"a"], limits=limits)
+    assert info.value.retry_after >= 1 and "2 jobs" in info.value.message
+    with pytest.raises(JobNotFound):
+        store.get(third.id)
+    store.create(make_record(owner="bob"), [b"b"], limits=limits)  # others are not held up
+    for _ in range(3):
+        store.create(make_record(owner=None), [b"n"], limits=limits)  # no keys: no per-owner bound
+    store.cancel(first.id)  # a finished job frees its place
+    store.create(third, [b"a"], limits=limits)
+    if isinstance(store, RedisJobStore):
+        key = store.owner_key("alice")
+        assert {m.decode() for m in store.redis.zrange(key, 0, -1)} == {second.id, third.id}
+        assert 0 < store.redis.ttl(key) <= store.active_ttl_s
+        # an entry whose job's keys have expired (its TTL ran out unfinished) leaks no place
+        store.redis.zadd(key, {second.id: 0})
+        store.create(make_record(owner="alice"), [b"a"], limits=limits)
+
+
+# ------------------------------------------------------------------------------------------------
+# bounds of the store
+# ------------------------------------------------------------------------------------------------
+def test_the_store_is_bounded_in_jobs_of_any_state(store: Any) -> None:
+    limits = Limits(queued=100, jobs=2, bytes=10**9, per_owner=100)
+    done = make_record()
+    succeed(store, done, [b"a"], b"r", limits)
+    store.create(make_record(), [b"b"], limits=limits)
+    with pytest.raises(Overloaded) as info:
+        store.create(make_record(), [b"c"], limits=limits)  # finished jobs count until they expire
+    assert info.value.retry_after >= 1 and "2 jobs" in info.value.message
+    assert sizes(store)[0] == 2
+    expire(store, done.id)
+    store.create(make_record(), [b"c"], limits=limits)
+    assert sizes(store)[0] == 2
+
+
+def test_the_store_is_bounded_in_bytes_and_drops_inputs_it_no_longer_needs(store: Any) -> None:
+    limits = Limits(queued=100, jobs=100, bytes=1000, per_owner=100)
+    plain, overlay = make_record(), make_record(keep_inputs=True)
+    store.create(plain, [b"x" * 300, b"y" * 100], limits=limits, reserve=200)
+    assert sizes(store) == (1, 600)  # the inputs and the reserved result
+    with pytest.raises(Overloaded) as info:
+        store.create(make_record(), [b"z" * 300], limits=limits, reserve=200)
+    assert "bytes" in info.value.message and info.value.retry_after >= 1
+    lease = store.start(plain.id, "w")
+    assert store.finish(plain.id, lease, "succeeded", result=b"r" * 50)
+    assert store.inputs(plain.id) == []  # dropped: only overlays draw on them
+    assert sizes(store) == (1, 50)
+    succeed(store, overlay, [b"o" * 100], b"r" * 70, limits)
+    assert store.inputs(overlay.id) == [b"o" * 100]
+    assert sizes(store) == (2, 220)
+    failed = make_record(keep_inputs=True)
+    store.create(failed, [b"f" * 500], limits=limits)
+    lease = store.start(failed.id, "w")
+    assert store.finish(failed.id, lease, "failed", error={"code": "x"})
+    assert sizes(store) == (3, 220)
+    cancelled = make_record()
+    store.create(cancelled, [b"c" * 700], limits=limits, reserve=10)
+    assert sizes(store) == (4, 930)
+    store.cancel(cancelled.id)
+    assert sizes(store) == (4, 220)
+    for job in (plain, overlay, failed, cancelled):
+        expire(store, job.id)
+    assert sizes(store) == (0, 0)
+
+
+def test_heartbeats_renew_the_expiry_of_a_running_job(redis_store: RedisJobStore) -> None:
+    """A job running longer than its safety TTL must not vanish (memory jobs never expire unfinished)."""
+    store = redis_store
+    record = make_record()
+    store.create(record, [b"a"], limits=LIMITS)
+    lease = store.start(record.id, "w")
+    job, inputs = store._keys(record.id, "job", "inputs")
+    for key in (job, inputs):
+        store.redis.expire(key, 5)  # as if the job had run almost as long as its safety TTL
+    assert store.progress(record.id, lease, None)
+    for key in (job, inputs):
+        assert store.redis.ttl(key) > store.active_ttl_s - 10
+    store.redis.expire(job, 5)
+    assert store.progress(record.id, lease, 0.5)
+    assert store.redis.ttl(job) > store.active_ttl_s - 10
+
+
+def test_a_queued_job_nobody_took_is_due_for_another_message(redis_store: RedisJobStore) -> None:
+    """Celery only: a message can be lost (the local pool's queue cannot lose a job)."""
+    store = redis_store
+    record, other = make_record(), make_record()
+    store.create(record, [b"a"], limits=LIMITS)
+    store.create(other, [b"b"], limits=LIMITS)
+    assert store.due_for_dispatch() == []  # a fresh job waits redispatch_s first
+    queued = store._global("queued")
+    store.redis.zadd(queued, {record.id: 0})  # as if it had waited past its due time
+    assert store.due_for_dispatch() == [record.id]
+    assert store.redispatched(record.id) == 1
+    assert store.due_for_dispatch() == [] and store.redispatched(record.id) == 0
+    wait = store.redis.zscore(queued, record.id) - store._now()
+    assert 1.9 * store.redispatch_s < wait <= 2 * store.redispatch_s  # twice as long the next time
+    store.redis.zadd(queued, {record.id: 0})
+    assert store.redispatched(record.id) == 2
+    assert store.counts()["queued"] == 2
+    store.start(record.id, "w")
+    store.redis.zadd(queued, {other.id: 0})
+    store.cancel(other.id)
+    assert store.due_for_dispatch() == [] and store.counts() == {"queued": 0, "running": 1}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -303,7 +466,9 @@ def test_results_encode_and_decode_exactly() -> None:
     assert torch.equal(whole.maps[2], parts[1].maps[0])
     geometries = [make_geometry(80 + i, 50, (3, 8, 8), "center_crop") for i in range(3)]
     for keep in (True, False):
-        back = decode(encode(JobResult(whole, geometries, 12.5), keep_attributions=keep))
+        blob = encode(JobResult(whole, geometries, 12.5), keep_attributions=keep)
+        assert len(blob) <= encoded_size(3, 2, (3, 8, 8), keep_attributions=keep)
+        back = decode(blob)
         e = back.explanation
         assert e.method == whole.method and e.params == whole.params and e.signed
         for name in ("maps", "targets", "scores", "logits", "completeness_delta"):
@@ -312,3 +477,32 @@ def test_results_encode_and_decode_exactly() -> None:
         if keep:
             assert torch.equal(e.attributions, whole.attributions)  # type: ignore[arg-type]
         assert back.geometries == geometries and back.elapsed_ms == 12.5
+
+
+@pytest.mark.parametrize("keep", [False, True])
+@pytest.mark.parametrize(
+    ("n", "k", "size"),
+    [(1, 1, (3, 64, 64)), (4, 3, (3, 224, 224)), (64, 10, (3, 32, 32)), (2, 5, (1, 96, 128))],
+)
+def test_the_result_estimate_bounds_the_encoding_closely(
+    n: int, k: int, size: tuple[int, int, int], keep: bool
+) -> None:
+    """The size submission refuses a job by is at least the real one, and close to it (so the
+    limit refuses what it says); a long layer name and big geometries included."""
+    c, h, w = size
+    g = torch.Generator().manual_seed(n)
+    explanation = Explanation(
+        method="integrated_gradients",
+        params=ExplainParams(steps=8, seed=5, layer="features.denseblock4.denselayer16.conv2"),
+        maps=torch.randn(n, k, h, w, generator=g),
+        targets=torch.randint(0, 1000, (n, k), generator=g),
+        scores=torch.rand(n, k, generator=g),
+        logits=torch.randn(n, k, generator=g),
+        attributions=torch.randn(n, k, c, h, w, generator=g),
+        completeness_delta=torch.randn(n, k, generator=g),
+        signed=True,
+    )
+    geometries = [make_geometry(12_345 + i, 6_789, size, "center_crop") for i in range(n)]
+    real = len(encode(JobResult(explanation, geometries, 123456.75), keep_attributions=keep))
+    estimate = encoded_size(n, k, size, keep_attributions=keep)
+    assert real <= estimate <= 1.1 * real

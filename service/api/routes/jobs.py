@@ -6,6 +6,10 @@ synchronous explanations (``service.api.responses``): JSON by default, with one 
 and target in upload order, each carrying its ``image_index``; PNG, overlay or npy of image
 ``index``. Rendering options given at submission are the defaults of the result; the query string
 of ``GET …/result`` may override them.
+
+A job belongs to the API key that submitted it (``OwnerDep``): every route passes the caller's
+id, and another key's job answers 404 like an unknown id. The uploads are kept after success only
+for a job submitted with ``format=overlay``: only overlays draw them.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
 from service.api import pipeline
-from service.api.deps import ServicesDep
+from service.api.deps import OwnerDep, ServicesDep
 from service.api.openapi import image_request_body
 from service.api.options import JobOptions, render_query
 from service.api.pipeline import Prepared
@@ -153,7 +157,7 @@ def _problems(**described: str) -> dict[int | str, dict[str, Any]]:
 _RETRY_AFTER = {
     "Retry-After": {"description": "seconds to wait before polling again", "schema": {"type": "integer"}}
 }
-_NOT_FOUND = "no job with this id"
+_NOT_FOUND = "no job with this id (or not one of this API key's)"
 _GONE = "the job finished longer ago than the retention time; its result is gone"
 
 JOB_EXAMPLE: dict[str, Any] = {
@@ -180,7 +184,9 @@ JOB_EXAMPLE: dict[str, Any] = {
     summary="Submit a job: explain one or more images with heavy settings",
     description="The images (`images`, one or more: a repeated multipart file field or a base64 list "
     "in JSON), the `model` and the explain parameters. Answers 202 with the job and its "
-    "`Location`; poll it, then fetch `result_url`. A full queue answers 503 with `Retry-After`.",
+    "`Location`; poll it, then fetch `result_url`. A full queue or store answers 503 and an API "
+    "key with too many active jobs 429, both with `Retry-After`. Submit with `format=overlay` to "
+    "fetch overlays later: only then are the uploads kept after the job succeeded.",
     openapi_extra=image_request_body(JobOptions, image_field="images", many=True),
     responses={
         202: {
@@ -198,14 +204,15 @@ JOB_EXAMPLE: dict[str, Any] = {
             _404="unknown model",
             _413="an upload or decoded image too large",
             _415="not an image of a supported type",
-            _422="invalid parameter, unknown method or layer, target out of range, corrupt image, or "
-            "more images than a job takes",
-            _503="the job queue is full (see Retry-After), or the service is starting",
+            _422="invalid parameter, unknown method or layer, target out of range, corrupt image, "
+            "more images than a job takes, or more passes or a larger result than a job may have",
+            _429="this API key has as many queued or running jobs as it may (see Retry-After)",
+            _503="the job queue or store is full (see Retry-After), or the service is starting",
         ),
     },
     response_class=Response,
 )
-async def submit_job(request: Request, services: ServicesDep, jobs: JobsDep) -> Response:
+async def submit_job(request: Request, services: ServicesDep, jobs: JobsDep, owner: OwnerDep) -> Response:
     settings = services.settings
     parsed = await parse_request(
         request, JobOptions, settings, image_field="images", many=True, max_images=settings.job_max_images
@@ -226,7 +233,9 @@ async def submit_job(request: Request, services: ServicesDep, jobs: JobsDep) -> 
         params,
         targets,
         images=parsed.images,
+        owner=owner,
         keep_attributions=render.reduction == "none" or shown.colormap == RGB,
+        keep_inputs=render.format == "overlay",
         options=render.as_dict(),
     )
     return _job_response(record, 202, {"Location": f"/v1/jobs/{record.id}"})
@@ -246,8 +255,8 @@ async def submit_job(request: Request, services: ServicesDep, jobs: JobsDep) -> 
     },
     response_class=Response,
 )
-async def get_job(job_id: str, jobs: JobsDep) -> Response:
-    return _job_response(await jobs.get(job_id))
+async def get_job(job_id: str, jobs: JobsDep, owner: OwnerDep) -> Response:
+    return _job_response(await jobs.get(job_id, owner=owner))
 
 
 @router.delete(
@@ -260,8 +269,8 @@ async def get_job(job_id: str, jobs: JobsDep) -> Response:
     },
     response_class=Response,
 )
-async def cancel_job(job_id: str, jobs: JobsDep) -> Response:
-    return _job_response(await jobs.cancel(job_id))
+async def cancel_job(job_id: str, jobs: JobsDep, owner: OwnerDep) -> Response:
+    return _job_response(await jobs.cancel(job_id, owner=owner))
 
 
 @router.get(
@@ -284,7 +293,8 @@ async def cancel_job(job_id: str, jobs: JobsDep) -> Response:
             _406="no acceptable output format",
             _409="the job has not succeeded (yet): see its status",
             _410=_GONE,
-            _422="invalid index or rendering option",
+            _422="invalid index or rendering option, or an overlay of a job not submitted with "
+            "format=overlay",
         ),
     },
     response_class=Response,
@@ -294,13 +304,14 @@ async def job_result(
     request: Request,
     services: ServicesDep,
     jobs: JobsDep,
+    owner: OwnerDep,
     format: Annotated[Format | None, Query(description="json (default), png, overlay or npy")] = None,
     index: Annotated[int, Query(ge=0, description="the image shown by png, overlay and npy")] = 0,
     overrides: Annotated[
         dict[str, Any], Depends(render_query(exclude=frozenset({"format"})))
     ] = _NO_OVERRIDES,
 ) -> Response:
-    record, result = await jobs.result(job_id)
+    record, result = await jobs.result(job_id, owner=owner)
     render = RenderParams.from_values({**record.spec.options, **overrides}).resolve(
         get_method(record.spec.method).rendering
     )
@@ -311,7 +322,7 @@ async def job_result(
     if fmt == "overlay":
         if not 0 <= index < record.spec.images:
             raise InvalidParameter(f"index must be in [0, {record.spec.images})", field="index")
-        image = await jobs.image(job_id, index)
+        image = await jobs.image(job_id, index, owner=owner)
     targets = record.spec.target_set()
     return await run_in_threadpool(
         _render, services.settings, fmt, model, result, targets, render, index, image
@@ -322,8 +333,13 @@ async def job_result(
 # helpers (run in a worker thread)
 # ------------------------------------------------------------------------------------------------
 def _check_kept(record: JobRecord, result: JobResult, render: RenderParams, fmt: str) -> None:
-    """``InvalidParameter`` when the result needs per-channel attributions the job did not keep
-    (``reduction=none``; ``colormap=rgb`` in a picture)."""
+    """``InvalidParameter`` when the result needs what the job did not keep: its uploads (an
+    overlay), per-channel attributions (``reduction=none``; ``colormap=rgb`` in a picture)."""
+    if fmt == "overlay" and not record.spec.keep_inputs:
+        raise InvalidParameter(
+            "this job kept no input images to draw on; submit it with format=overlay to get overlays",
+            field="format",
+        )
     if result.explanation.attributions is not None or record.spec.keep_attributions:
         return
     for field, wanted, formats in (

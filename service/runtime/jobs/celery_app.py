@@ -57,7 +57,15 @@ def make_store(settings: Settings) -> RedisJobStore:
         namespace=settings.redis_namespace,
         retention_s=settings.job_retention_s,
         active_ttl_s=settings.job_visibility_timeout_s + settings.job_retention_s,
+        redispatch_s=redispatch_s(settings),
     )
+
+
+def redispatch_s(settings: Settings) -> float:
+    """How long a queued job waits for a worker before the API sends its message again: a few
+    leases, so a message lost to a worker that failed to start the job costs minutes, not the
+    visibility timeout."""
+    return max(10.0, 4 * settings.job_lease_s)
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -91,10 +99,19 @@ def enqueue(app: Celery, settings: Settings, job_id: str) -> None:
 
 
 def _run_job(job_id: str) -> None:
-    """The Celery task: run one job with this worker's runner."""
+    """The Celery task: run one job with this worker's runner.
+
+    A store that fails before the job started (Redis unreachable) leaves the job queued: the
+    message is acknowledged and the API's maintenance loop sends it again once the job is due
+    (``CeleryJobService._redispatch_due``). Logged here, not raised: Celery would only log it again."""
     if _runner is None:
         raise RuntimeError("this worker was not started with `saliency worker`")
-    _runner.run(job_id)
+    try:
+        _runner.run(job_id)
+    except Exception as exc:
+        log.error(
+            "job %s: the job store failed (%r); the job is left to be sent again or recovered", job_id, exc
+        )
 
 
 def worker_runner(settings: Settings, store: JobStore, registry: Any) -> JobRunner:

@@ -3,6 +3,10 @@
 Encoded with ``torch.save`` and read back with ``torch.load(weights_only=True)``: only tensors,
 numbers, strings, lists and dicts, so a result read from Redis can never run code. Maps stay at
 the model's resolution; the API maps them onto each upload's geometry when it renders them.
+
+``encoded_size`` predicts the encoding's length before anything runs, so a job whose result the
+store could not hold is refused at submission; it sits next to ``encode`` so the two change
+together (a unit test holds it to the real length).
 """
 
 from __future__ import annotations
@@ -47,6 +51,29 @@ def concat(parts: list[Explanation]) -> Explanation:
         completeness_delta=cat("completeness_delta"),
         signed=first.signed,
     )
+
+
+# torch.save's zip archive: one record per tensor storage (local and central headers, the
+# 64-byte alignment of its data) and per-image geometry in the pickle; a fixed part for the rest
+_PER_TENSOR = 200
+_PER_IMAGE = 128
+_FIXED = 3072
+
+
+def encoded_size(
+    images: int, per_image: int, input_size: tuple[int, int, int], *, keep_attributions: bool
+) -> int:
+    """An upper estimate of ``len(encode(...))`` for ``images`` × ``per_image`` targets on a model
+    whose input is ``input_size`` (C, H, W): float32 maps at the input's H×W, per-channel
+    attributions when kept, and the (N, K) targets (int64), scores, logits and completeness deltas."""
+    c, h, w = input_size
+    cells = images * per_image
+    data = cells * h * w * 4 + cells * (8 + 4 + 4 + 4)
+    tensors = 5
+    if keep_attributions:
+        data += cells * c * h * w * 4
+        tensors += 1
+    return data + tensors * _PER_TENSOR + images * _PER_IMAGE + _FIXED
 
 
 def encode(result: JobResult, *, keep_attributions: bool) -> bytes:

@@ -5,6 +5,12 @@ cancelled, already taken or is gone is skipped), decodes and preprocesses its im
 engine over them in groups, reports progress after every chunk of passes, and stores the result
 or a problem object. Between chunks it checks that it still holds the job (a ``DELETE`` or a
 re-queue takes it away) and, on a shared device, lets synchronous requests go first.
+
+The store may be briefly unreachable (Redis restarting): a failed progress report or heartbeat is
+logged and the job goes on, and storing the outcome is retried with backoff
+(``finish_attempts``) before the runner gives up and leaves the job to lease recovery. A result
+larger than ``job_max_result_bytes`` fails the job with ``result-too-large`` instead of being
+sent to a store that would refuse it.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import torch
 from torch import Tensor
 
 from service.config import Settings
-from service.errors import Cancelled, SaliencyError
+from service.errors import Cancelled, ResultTooLarge, SaliencyError
 from service.explainers import ExplainParams, Explanation, ModelHandle, explain, get_method
 from service.imaging.decode import decode_upload
 from service.imaging.geometry import Geometry
@@ -35,6 +41,10 @@ log = logging.getLogger(__name__)
 MAX_YIELD_S = 1.0
 # most images in one engine call of a job
 MAX_GROUP_IMAGES = 64
+# storing a job's outcome: tries, and the first wait between them (doubling up to MAX_BACKOFF_S)
+FINISH_ATTEMPTS = 6
+FINISH_BACKOFF_S = 0.5
+MAX_BACKOFF_S = 8.0
 
 ModelLookup = Callable[[str], tuple[LoadedModel, ModelHandle]]
 
@@ -82,6 +92,8 @@ class JobRunner:
     metrics: Metrics | None = None
     heartbeat_s: float | None = None  # a thread refreshes the lease this often (Celery workers)
     stopping: threading.Event = field(default_factory=threading.Event)
+    finish_attempts: int = FINISH_ATTEMPTS
+    finish_backoff_s: float = FINISH_BACKOFF_S
 
     def run(self, job_id: str) -> JobStatus | None:
         """Run the job if it is queued; its final status, or ``None`` if it was not ours to run."""
@@ -120,6 +132,7 @@ class JobRunner:
             blob = encode(
                 JobResult(explanation, geometries, elapsed_ms), keep_attributions=spec.keep_attributions
             )
+            self._check_size(blob)
         except Cancelled:
             log.info("job %s stopped: %s", record.id, "lost its lease" if lease.lost.is_set() else "shutdown")
             return None
@@ -133,10 +146,51 @@ class JobRunner:
             log.exception("job %s failed unexpectedly", record.id)
             status, error = "failed", internal_error(record.id)
         else:
-            ok = self.store.finish(record.id, lease.token, "succeeded", result=blob)
+            ok = self._finish(lease, "succeeded", result=blob)
             log.info("job %s succeeded in %.0f ms%s", record.id, elapsed_ms, "" if ok else " (too late)")
             return "succeeded" if ok else None
-        return status if self.store.finish(record.id, lease.token, status, error=error) else None
+        return status if self._finish(lease, status, error=error) else None
+
+    def _check_size(self, blob: bytes) -> None:
+        limit = self.settings.job_max_result_bytes
+        if len(blob) > limit:
+            raise ResultTooLarge(
+                f"the job's result takes {len(blob)} bytes; the store keeps at most {limit} per job: "
+                "submit fewer images or targets",
+            )
+
+    def _finish(
+        self,
+        lease: _Lease,
+        status: JobStatus,
+        *,
+        error: dict[str, str] | None = None,
+        result: bytes | None = None,
+    ) -> bool:
+        """``store.finish``, retried with backoff while the store fails (a restart, a failover):
+        the work is done and worth waiting for. The heartbeat goes on meanwhile, so the lease holds.
+        After the last try the error propagates and lease recovery takes over."""
+        delay = self.finish_backoff_s
+        for attempt in range(1, self.finish_attempts + 1):
+            try:
+                return self.store.finish(lease.job_id, lease.token, status, error=error, result=result)
+            except Exception as exc:
+                if attempt == self.finish_attempts:
+                    log.error(
+                        "job %s: could not store its outcome after %d tries: %r", lease.job_id, attempt, exc
+                    )
+                    raise
+                log.warning(
+                    "job %s: could not store its outcome (try %d of %d): %r; retrying in %.1f s",
+                    lease.job_id,
+                    attempt,
+                    self.finish_attempts,
+                    exc,
+                    delay,
+                )
+                time.sleep(delay)
+                delay = min(MAX_BACKOFF_S, delay * 2)
+        return False  # not reached: the last try returns or raises
 
     def _prepare(self, loaded: LoadedModel, images: list[bytes]) -> tuple[Tensor, list[Geometry]]:
         xs: list[Tensor] = []

@@ -9,7 +9,15 @@ Two backends behind one interface (``settings.jobs_backend``):
   (``service.runtime.jobs.celery_app``); records, inputs and results live in Redis
   (``RedisJobStore``), so every API replica answers for every job and restarts lose nothing.
   A maintenance loop re-queues running jobs whose worker stopped sending heartbeats (or fails
-  them after ``job_max_attempts`` deliveries).
+  them after ``job_max_attempts`` deliveries), and sends a queued job's message again when no
+  worker has taken it for a while (a message lost to a worker that could not start it, or to a
+  failed enqueue).
+
+Every job belongs to the API key that submitted it: reads on a client's behalf pass its
+``owner``, and another owner's job answers exactly as an unknown id. Submission refuses up front
+what the service could not carry through: more passes than ``job_max_passes``, a result larger
+than ``job_max_result_bytes`` (422), a full store (503) or an owner at ``max_jobs_per_key``
+active jobs (429).
 
 Everything the store does is blocking I/O; it runs in a thread, never on the event loop.
 """
@@ -24,14 +32,22 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from service.config import Settings
-from service.errors import InvalidParameter, JobNotFinished, Overloaded
+from service.errors import InvalidParameter, JobNotFinished, Overloaded, TooHeavy
 from service.explainers import ExplainParams, Targets, get_method
 from service.explainers.engine import resolve_params
 from service.metrics import Metrics
 from service.models.registry import LoadedModel, ModelRegistry
 from service.runtime.jobs.local_pool import LocalPool
-from service.runtime.jobs.result import JobResult, decode
-from service.runtime.jobs.store import JobRecord, JobSpec, JobStore, MemoryJobStore, check_job_id, new_job_id
+from service.runtime.jobs.result import JobResult, decode, encoded_size
+from service.runtime.jobs.store import (
+    JobRecord,
+    JobSpec,
+    JobStore,
+    Limits,
+    MemoryJobStore,
+    check_job_id,
+    new_job_id,
+)
 from service.runtime.sync.executor import Executor
 
 log = logging.getLogger(__name__)
@@ -50,13 +66,14 @@ def make_spec(
     *,
     images: int,
     keep_attributions: bool = False,
+    keep_inputs: bool = False,
     options: dict[str, Any] | None = None,
 ) -> JobSpec:
     """Check everything that can be checked before the job runs, and fix the seed and layer.
 
     A job that is valid here fails later only for reasons of the server's own. The seed is drawn
     now (when not given), so a redelivered job computes the same result and reports the same
-    parameters.
+    parameters. Blocking (resolving a layer may measure the model): run it off the event loop.
     """
     m = get_method(method)
     params = resolve_params(m, model.handle, params)
@@ -74,8 +91,37 @@ def make_spec(
         top_k=1 if targets.explicit else targets.top_k,
         images=images,
         keep_attributions=keep_attributions,
+        keep_inputs=keep_inputs,
         options=dict(options or {}),
     )
+
+
+def check_size(settings: Settings, model: LoadedModel, spec: JobSpec) -> int:
+    """``TooHeavy`` (422) for a job above ``job_max_passes`` or whose stored result would exceed
+    ``job_max_result_bytes``; else that result's estimated size, which the store reserves.
+
+    Passes are counted with ``Method.cost`` on the model (Score-CAM by its layer's channels), as
+    the synchronous budget counts them; the result with ``result.encoded_size``, the estimate that
+    sits next to the encoder. Refusing here, before anything runs, is the point: the job would
+    otherwise run for hours and then fail to be stored."""
+    m = get_method(spec.method)
+    per_image = spec.target_set().per_image
+    passes = spec.images * per_image * m.cost(spec.explain_params(), model.handle)
+    if passes > settings.job_max_passes:
+        raise TooHeavy(
+            f"this job needs {passes} forward/backward passes; a job may take at most "
+            f"{settings.job_max_passes}: fewer images, targets, steps or samples",
+            field="images",
+        )
+    size = encoded_size(spec.images, per_image, model.input_size, keep_attributions=spec.keep_attributions)
+    if size > settings.job_max_result_bytes:
+        keep = " or without per-channel attributions" if spec.keep_attributions else ""
+        raise TooHeavy(
+            f"this job's result would take about {size} bytes; the store keeps at most "
+            f"{settings.job_max_result_bytes} per job: submit fewer images or targets{keep}",
+            field="images",
+        )
+    return size
 
 
 def retry_after(record: JobRecord) -> int | None:
@@ -125,50 +171,67 @@ class JobService:
         targets: Targets,
         *,
         images: list[bytes],
+        owner: str | None,
         keep_attributions: bool = False,
+        keep_inputs: bool = False,
         options: dict[str, Any] | None = None,
     ) -> JobRecord:
-        """Queue a job over ``images`` (upload bytes, already validated by the caller)."""
+        """Queue a job over ``images`` (upload bytes, already validated by the caller) for
+        ``owner``. ``keep_inputs``: keep the uploads after success, to draw overlays."""
         if len(images) > self.settings.job_max_images:
             raise InvalidParameter(
                 f"a job takes at most {self.settings.job_max_images} images (got {len(images)})",
                 field="images",
             )
-        spec = make_spec(
-            model,
-            method,
-            params,
-            targets,
-            images=len(images),
-            keep_attributions=keep_attributions,
-            options=options,
-        )
-        record = JobRecord(id=new_job_id(), status="queued", spec=spec, created_at=time.time())
-        await self._io(self.store.create, record, images, max_queued=self.settings.job_queue_size)
+
+        def plan() -> tuple[JobSpec, int]:
+            spec = make_spec(
+                model,
+                method,
+                params,
+                targets,
+                images=len(images),
+                keep_attributions=keep_attributions,
+                keep_inputs=keep_inputs,
+                options=options,
+            )
+            return spec, check_size(self.settings, model, spec)
+
+        spec, result_bytes = await asyncio.to_thread(plan)
+        record = JobRecord(id=new_job_id(), status="queued", spec=spec, created_at=time.time(), owner=owner)
+        limits = Limits.from_settings(self.settings)
+        await self._io(self.store.create, record, images, limits=limits, reserve=result_bytes)
         await self._io(self._dispatch, record)
-        return await self.get(record.id)
+        return await self.get(record.id, owner=owner)
 
-    async def get(self, job_id: str) -> JobRecord:
-        """The job; ``JobNotFound`` (404) for an unknown id, ``JobExpired`` (410) past retention."""
+    async def get(self, job_id: str, *, owner: str | None) -> JobRecord:
+        """The job; ``JobNotFound`` (404) for an unknown id or another owner's job, ``JobExpired``
+        (410) past retention."""
         check_job_id(job_id)
-        return await self._io(self.store.get, job_id)
+        return await self._io(self.store.get, job_id, owner=owner)
 
-    async def cancel(self, job_id: str) -> JobRecord:
+    async def cancel(self, job_id: str, *, owner: str | None) -> JobRecord:
         """Cancel a queued or running job; a finished job is returned as it is."""
         check_job_id(job_id)
-        return await self._io(self.store.cancel, job_id)
+        return await self._io(self.store.cancel, job_id, owner=owner)
 
-    async def result(self, job_id: str) -> tuple[JobRecord, JobResult]:
+    async def result(self, job_id: str, *, owner: str | None) -> tuple[JobRecord, JobResult]:
         """The job and its decoded result; ``JobNotFinished`` (409) before it succeeded."""
-        record = await self.get(job_id)
+        record = await self.get(job_id, owner=owner)
         if record.status != "succeeded":
             raise JobNotFinished(_not_ready(record))
-        data = await self._io(self.store.result, job_id)
+        data = await self._io(self.store.result, job_id, owner=owner)
         return record, await asyncio.to_thread(decode, data)
 
-    async def image(self, job_id: str, index: int) -> bytes:
-        """The bytes of the job's image ``index`` as uploaded (for overlays)."""
-        images = await self._io(self.store.inputs, job_id)
+    async def image(self, job_id: str, index: int, *, owner: str | None) -> bytes:
+        """The bytes of the job's image ``index`` as uploaded (for overlays; kept only by jobs
+        submitted with ``keep_inputs``)."""
+        images = await self._io(self.store.inputs, job_id, owner=owner)
+        if not images:
+            raise InvalidParameter(
+                f"job {job_id} kept no input images; submit it with format=overlay to draw overlays",
+                field="format",
+            )
         if not 0 <= index < len(images):
             raise InvalidParameter(f"index must be in [0, {len(images)})", field="index")
         return images[index]
@@ -272,13 +335,32 @@ class CeleryJobService(JobService):
                 self._dispatch_requeued(job_id)
             elif outcome == "failed":
                 log.warning("job %s: its worker died on every attempt; marked failed", job_id)
+        self._redispatch_due()
         self.redis_store.prune()
         super()._maintain()
 
+    def _redispatch_due(self) -> None:
+        """Send again the message of each queued job no worker has taken in its due time.
+
+        A queued job has no message when a worker took it but could not start it (its store call
+        failed) or when an enqueue failed; without this it would stay queued until its safety TTL.
+        A job merely waiting behind others gets a duplicate, which is harmless (only a queued job
+        starts) and rare: each job's wait before the next one doubles (``RedisJobStore``)."""
+        for job_id in self.redis_store.due_for_dispatch():
+            n = self.redis_store.redispatched(job_id)
+            if n:
+                log.warning("job %s: still queued after its due time; message sent again (%d)", job_id, n)
+                self._dispatch_requeued(job_id)
+
     def _dispatch_requeued(self, job_id: str) -> None:
+        """Enqueue a job the store holds as queued already; a failure is logged, not raised: the
+        job stays queued and is due again later (``_redispatch_due``)."""
         from service.runtime.jobs.celery_app import enqueue
 
-        enqueue(self.celery, self.settings, job_id)
+        try:
+            enqueue(self.celery, self.settings, job_id)
+        except Exception as exc:
+            log.warning("job %s: could not be enqueued (%r); it will be sent again later", job_id, exc)
 
     def _shutdown(self) -> None:
         super()._shutdown()

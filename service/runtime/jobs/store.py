@@ -13,11 +13,20 @@ out) learns so at its next chunk instead of overwriting the new state:
   longer, so an expired job answers 410 and an id that never existed 404.
 
 The store also holds each job's input images (raw upload bytes, in upload order) and, on
-success, its encoded result (``service.runtime.jobs.result``).
+success, its encoded result (``service.runtime.jobs.result``). Inputs are dropped as soon as a
+job finishes, unless it keeps them to draw overlays (``JobSpec.keep_inputs``).
+
+A job belongs to the API key that submitted it (``JobRecord.owner``): reads on a client's behalf
+pass ``owner=`` and see another owner's job, live or expired, exactly as an id that never existed
+(``JobNotFound``), so ids leak nothing. The worker and the maintenance loop read as ``ANY_OWNER``.
+
+``create`` enforces every bound at once (``Limits``): queued jobs, jobs kept in any state, bytes
+kept (inputs and results; a queued job reserves its estimated result) and active jobs per owner.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import re
 import threading
@@ -27,7 +36,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, Protocol
 
-from service.errors import JobExpired, JobNotFinished, JobNotFound, Overloaded, SaliencyError
+from service.config import Settings
+from service.errors import JobExpired, JobNotFinished, JobNotFound, Overloaded, RateLimited, SaliencyError
 from service.explainers import ExplainParams, Targets
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -37,6 +47,27 @@ Recovery = Literal["requeued", "failed"]
 
 _ID = re.compile(r"^[0-9a-f]{32}$")
 MIN_TOMBSTONE_S = 24 * 3600
+# seconds a client refused for a full store or its own job limit should wait
+RETRY_AFTER_FULL_S = 5
+RETRY_AFTER_OWNER_S = 10
+
+
+class _AnyOwner(enum.Enum):
+    ANY = "any"
+
+
+ANY_OWNER = _AnyOwner.ANY  # the worker and the maintenance loop: every job is theirs to see
+Owner = str | None | _AnyOwner
+
+
+def visible(record_owner: str | None, owner: Owner) -> bool:
+    """Whether a caller reading as ``owner`` may see a job that belongs to ``record_owner``."""
+    return owner is ANY_OWNER or record_owner == owner
+
+
+def not_found(job_id: str) -> JobNotFound:
+    """The one error for an unknown id and for another owner's job: they must read the same."""
+    return JobNotFound(f"no job with id {job_id!r}")
 
 
 def new_job_id() -> str:
@@ -46,7 +77,7 @@ def new_job_id() -> str:
 def check_job_id(job_id: str) -> str:
     """``JobNotFound`` for anything that cannot be a job id (no store lookup for it)."""
     if not _ID.match(job_id):
-        raise JobNotFound(f"no job with id {job_id!r}")
+        raise not_found(job_id)
     return job_id
 
 
@@ -69,6 +100,7 @@ class JobSpec:
     top_k: int
     images: int
     keep_attributions: bool = False  # store the per-channel attributions too (reduction=none)
+    keep_inputs: bool = False  # keep the uploads after success, to draw overlays (format=overlay)
     options: dict[str, Any] = field(default_factory=dict)  # the rendering parameters given at submission
 
     def explain_params(self) -> ExplainParams:
@@ -102,6 +134,7 @@ class JobRecord:
     error: dict[str, Any] | None = None  # {"code", "title", "detail"}: a problem, never internals
     attempts: int = 0
     worker: str | None = None
+    owner: str | None = None  # the submitting API key's id (``None`` without keys)
 
     @property
     def finished(self) -> bool:
@@ -133,19 +166,62 @@ def error_class(code: str) -> type[SaliencyError]:
 # ------------------------------------------------------------------------------------------------
 # the store interface
 # ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Limits:
+    """The bounds ``create`` enforces, checked together with the insert so no two submissions both
+    take the last place."""
+
+    queued: int  # queued jobs (``Overloaded``)
+    jobs: int  # jobs kept in any state, finished ones until they expire (``Overloaded``)
+    bytes: int  # inputs and results kept, estimated results of unfinished jobs included (``Overloaded``)
+    per_owner: int  # queued + running jobs of one owner (``RateLimited``; not applied to ``None``)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        return cls(
+            queued=settings.job_queue_size,
+            jobs=settings.job_store_max_jobs,
+            bytes=settings.job_store_max_bytes,
+            per_owner=settings.max_jobs_per_key,
+        )
+
+    @classmethod
+    def only_queue(cls, queued: int) -> Limits:
+        """No bound but the queue's (tests, tools)."""
+        return cls(queued=queued, jobs=2**62, bytes=2**62, per_owner=2**62)
+
+
+def store_full(what: str) -> Overloaded:
+    return Overloaded(f"the job store is full ({what}); retry later", retry_after=RETRY_AFTER_FULL_S)
+
+
+def queue_full(queued: int) -> Overloaded:
+    return Overloaded(f"{queued} jobs are already queued; retry later", retry_after=RETRY_AFTER_FULL_S)
+
+
+def owner_busy(active: int) -> RateLimited:
+    return RateLimited(
+        f"this API key has {active} jobs queued or running, the most it may have; wait for one to "
+        "finish (or cancel one) and retry",
+        retry_after=RETRY_AFTER_OWNER_S,
+    )
+
+
 class JobStore(Protocol):
     """Where job records, inputs and results live. Every method is blocking and thread-safe."""
 
     retention_s: float
 
-    def create(self, record: JobRecord, inputs: list[bytes], *, max_queued: int) -> None:
-        """Add a queued job; ``Overloaded`` when ``max_queued`` jobs are already queued."""
+    def create(self, record: JobRecord, inputs: list[bytes], *, limits: Limits, reserve: int = 0) -> None:
+        """Add a queued job holding ``inputs`` and ``reserve`` bytes for its result; ``Overloaded``
+        when the queue or the store is full, ``RateLimited`` when its owner has too many active jobs."""
 
-    def get(self, job_id: str) -> JobRecord:
-        """The record; ``JobNotFound`` for an unknown id, ``JobExpired`` past retention."""
+    def get(self, job_id: str, *, owner: Owner = ANY_OWNER) -> JobRecord:
+        """The record; ``JobNotFound`` for an unknown id (or another owner's job), ``JobExpired``
+        past retention."""
 
-    def inputs(self, job_id: str) -> list[bytes]:
-        """The job's images as uploaded (empty once the job has finished unsuccessfully)."""
+    def inputs(self, job_id: str, *, owner: Owner = ANY_OWNER) -> list[bytes]:
+        """The job's images as uploaded (empty once the job has finished, unless it keeps them)."""
 
     def start(self, job_id: str, worker: str) -> str | None:
         """queued → running; the lease token, or ``None`` when the job is not queued (any more)."""
@@ -164,10 +240,10 @@ class JobStore(Protocol):
     ) -> bool:
         """running → a finished status; ``False`` (and no change) once the lease is lost."""
 
-    def cancel(self, job_id: str) -> JobRecord:
+    def cancel(self, job_id: str, *, owner: Owner = ANY_OWNER) -> JobRecord:
         """Cancel a queued or running job (a finished one stays as it is); the record after."""
 
-    def result(self, job_id: str) -> bytes:
+    def result(self, job_id: str, *, owner: Owner = ANY_OWNER) -> bytes:
         """The encoded result; ``JobNotFinished`` unless the job succeeded."""
 
     def stale(self, lease_s: float) -> list[str]:
@@ -178,6 +254,9 @@ class JobStore(Protocol):
 
     def counts(self) -> dict[str, int]:
         """Jobs queued and running."""
+
+    def usage(self) -> tuple[int, int]:
+        """Jobs kept (any state) and bytes held (inputs, results and reservations)."""
 
     def close(self) -> None: ...
 
@@ -204,6 +283,12 @@ class _Entry:
     result: bytes | None = None
     lease: str | None = None
     heartbeat: float = 0.0
+    reserved: int = 0  # the estimated result, until the job finishes
+
+    @property
+    def size(self) -> int:
+        held = sum(len(b) for b in self.inputs) + (len(self.result) if self.result is not None else 0)
+        return held + self.reserved
 
 
 class MemoryJobStore:
@@ -213,25 +298,40 @@ class MemoryJobStore:
         self.retention_s = retention_s
         self.clock = clock
         self._entries: dict[str, _Entry] = {}
-        self._tombstones: dict[str, float] = {}  # id → forget it at
+        self._tombstones: dict[str, tuple[float, str | None]] = {}  # id → (forget it at, owner)
+        self._bytes = 0  # Σ entry sizes, kept up to date by ``_resize``
         self._lock = threading.Lock()
         self._next_sweep = 0.0
 
-    def create(self, record: JobRecord, inputs: list[bytes], *, max_queued: int) -> None:
+    def create(self, record: JobRecord, inputs: list[bytes], *, limits: Limits, reserve: int = 0) -> None:
+        entry = _Entry(record.with_(status="queued"), list(inputs), reserved=reserve)
         with self._lock:
-            self._expire()
+            self._expire(force=True)
             queued = sum(1 for e in self._entries.values() if e.record.status == "queued")
-            if queued >= max_queued:
-                raise Overloaded(f"{queued} jobs are already queued; retry later", retry_after=5)
-            self._entries[record.id] = _Entry(record.with_(status="queued"), list(inputs))
+            if queued >= limits.queued:
+                raise queue_full(queued)
+            if len(self._entries) >= limits.jobs:
+                raise store_full(f"{len(self._entries)} jobs kept")
+            if self._bytes + entry.size > limits.bytes:
+                raise store_full(f"{self._bytes} bytes kept")
+            if record.owner is not None:
+                active = sum(
+                    1
+                    for e in self._entries.values()
+                    if e.record.owner == record.owner and not e.record.finished
+                )
+                if active >= limits.per_owner:
+                    raise owner_busy(active)
+            self._entries[record.id] = entry
+            self._bytes += entry.size
 
-    def get(self, job_id: str) -> JobRecord:
+    def get(self, job_id: str, *, owner: Owner = ANY_OWNER) -> JobRecord:
         with self._lock:
-            return self._entry(job_id).record
+            return self._entry(job_id, owner).record
 
-    def inputs(self, job_id: str) -> list[bytes]:
+    def inputs(self, job_id: str, *, owner: Owner = ANY_OWNER) -> list[bytes]:
         with self._lock:
-            return list(self._entry(job_id).inputs)
+            return list(self._entry(job_id, owner).inputs)
 
     def start(self, job_id: str, worker: str) -> str | None:
         with self._lock:
@@ -272,22 +372,21 @@ class MemoryJobStore:
             entry = self._current(job_id, lease)
             if entry is None:
                 return False
-            self._close(entry, status, error)
+            self._close(entry, status, error, result)
             if status == "succeeded":
-                entry.result = result
                 entry.record = entry.record.with_(progress=1.0)
             return True
 
-    def cancel(self, job_id: str) -> JobRecord:
+    def cancel(self, job_id: str, *, owner: Owner = ANY_OWNER) -> JobRecord:
         with self._lock:
-            entry = self._entry(job_id)
+            entry = self._entry(job_id, owner)
             if entry.record.status in ACTIVE:
-                self._close(entry, "cancelled", None)
+                self._close(entry, "cancelled", None, None)
             return entry.record
 
-    def result(self, job_id: str) -> bytes:
+    def result(self, job_id: str, *, owner: Owner = ANY_OWNER) -> bytes:
         with self._lock:
-            entry = self._entry(job_id)
+            entry = self._entry(job_id, owner)
             if entry.record.status != "succeeded" or entry.result is None:
                 raise JobNotFinished(_not_finished(entry.record))
             return entry.result
@@ -309,7 +408,8 @@ class MemoryJobStore:
             if entry.heartbeat >= self.clock() - lease_s:
                 return None
             if entry.record.attempts >= max_attempts:
-                self._close(entry, "failed", lost_worker_error(entry.record.attempts, max_attempts))
+                error = lost_worker_error(entry.record.attempts, max_attempts)
+                self._close(entry, "failed", error, None)
                 return "failed"
             entry.lease = None
             entry.record = entry.record.with_(status="queued", progress=0.0, started_at=None, worker=None)
@@ -324,11 +424,16 @@ class MemoryJobStore:
                     out[e.record.status] += 1
             return out
 
+    def usage(self) -> tuple[int, int]:
+        with self._lock:
+            self._expire(force=True)
+            return len(self._entries), self._bytes
+
     def close(self) -> None:
         pass
 
     # --- helpers (lock held) ----------------------------------------------------------------------
-    def _entry(self, job_id: str) -> _Entry:
+    def _entry(self, job_id: str, owner: Owner) -> _Entry:
         check_job_id(job_id)
         self._expire()
         entry = self._entries.get(job_id)
@@ -336,12 +441,15 @@ class MemoryJobStore:
             self._bury(job_id, self.clock())
             entry = None
         if entry is not None:
+            if not visible(entry.record.owner, owner):
+                raise not_found(job_id)
             return entry
-        if job_id in self._tombstones:
+        tomb = self._tombstones.get(job_id)
+        if tomb is not None and visible(tomb[1], owner):
             raise JobExpired(
                 f"job {job_id} finished more than {self.retention_s:g} s ago; its result is gone"
             )
-        raise JobNotFound(f"no job with id {job_id!r}")
+        raise not_found(job_id)
 
     def _current(self, job_id: str, lease: str) -> _Entry | None:
         entry = self._entries.get(job_id)
@@ -349,28 +457,38 @@ class MemoryJobStore:
             return None
         return entry
 
-    def _close(self, entry: _Entry, status: JobStatus, error: dict[str, Any] | None) -> None:
+    def _close(
+        self, entry: _Entry, status: JobStatus, error: dict[str, Any] | None, result: bytes | None
+    ) -> None:
+        """Finish the entry; what it holds shrinks to its result (and its inputs, if it keeps them)."""
+        before = entry.size
         entry.record = entry.record.with_(status=status, finished_at=self.clock(), error=error)
         entry.lease = None
-        if status != "succeeded":
+        entry.reserved = 0
+        if status == "succeeded":
+            entry.result = result
+        if status != "succeeded" or not entry.record.spec.keep_inputs:
             entry.inputs = []
+        self._bytes += entry.size - before
 
     def _expired(self, record: JobRecord, now: float) -> bool:
         return record.finished_at is not None and record.finished_at + self.retention_s <= now
 
     def _bury(self, job_id: str, now: float) -> None:
-        del self._entries[job_id]
-        self._tombstones[job_id] = now + tombstone_s(self.retention_s)
+        entry = self._entries.pop(job_id)
+        self._bytes -= entry.size
+        self._tombstones[job_id] = (now + tombstone_s(self.retention_s), entry.record.owner)
 
-    def _expire(self) -> None:
-        """Drop finished jobs past retention and forgotten tombstones (at most once a second)."""
+    def _expire(self, *, force: bool = False) -> None:
+        """Drop finished jobs past retention and forgotten tombstones (at most once a second,
+        unless ``force``: the bounds of ``create`` count what is really kept)."""
         now = self.clock()
-        if now < self._next_sweep:
+        if now < self._next_sweep and not force:
             return
         self._next_sweep = now + 1.0
         for job_id in [j for j, e in self._entries.items() if self._expired(e.record, now)]:
             self._bury(job_id, now)
-        for job_id in [j for j, until in self._tombstones.items() if until <= now]:
+        for job_id in [j for j, (until, _) in self._tombstones.items() if until <= now]:
             del self._tombstones[job_id]
 
 
