@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     )
     default_batch_size: int = Field(32, ge=1, le=1024)
     batch_memory_bytes: int = Field(
-        4 * 1024**3,
+        8 * 1024**3,
         ge=16 * 1024**2,
         description="activation memory one engine call may use per model: batch_size is clamped to it",
     )

@@ -76,8 +76,10 @@ def problem(
     type_: str = "about:blank",
     errors: list[dict[str, Any]] | None = None,
     headers: dict[str, str] | None = None,
+    extensions: dict[str, Any] | None = None,
 ) -> ProblemResponse:
-    """A problem+json response. ``title`` defaults to the status phrase."""
+    """A problem+json response. ``title`` defaults to the status phrase; ``extensions`` are
+    members of the problem type's own (RFC 9457 §3.2)."""
     body: dict[str, Any] = {
         "type": type_,
         "title": title or _phrase(status),
@@ -87,6 +89,7 @@ def problem(
     }
     if status == 422:
         body["errors"] = errors or []
+    body.update(extensions or {})
     return ProblemResponse(body, status_code=status, headers=headers)
 
 

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+import orjson
 from fastapi import Request
 from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from service.api.options import RequestOptions
@@ -69,9 +70,9 @@ async def parse_request(
     fields: dict[str, Any] = {k: v for k, v in request.query_params.items() if v != ""}
     errors: list[dict[str, Any]] = []
     if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        images = await _read_form(request, fields, errors, image_field, many)
+        images = await _read_form(request, settings, fields, errors, image_field, many)
     elif content_type == "application/json" or content_type.endswith("+json"):
-        images = await _read_json(request, fields, errors, image_field, many)
+        images = await _read_json(request, settings, fields, errors, image_field, many)
     elif content_type == "" and not await request.body():
         images = []
     else:
@@ -110,10 +111,15 @@ def _summary(errors: list[dict[str, Any]]) -> str:
 
 
 async def _read_form(
-    request: Request, fields: dict[str, Any], errors: list[dict[str, Any]], image_field: str, many: bool
+    request: Request,
+    settings: Settings,
+    fields: dict[str, Any],
+    errors: list[dict[str, Any]],
+    image_field: str,
+    many: bool,
 ) -> list[bytes]:
     images: list[bytes] = []
-    async with request.form(max_files=1024, max_fields=256) as form:
+    async with request.form(max_files=1024, max_fields=settings.max_form_fields) as form:
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):
                 if key != image_field:
@@ -134,16 +140,24 @@ async def _read_form(
 
 
 async def _read_json(
-    request: Request, fields: dict[str, Any], errors: list[dict[str, Any]], image_field: str, many: bool
+    request: Request,
+    settings: Settings,
+    fields: dict[str, Any],
+    errors: list[dict[str, Any]],
+    image_field: str,
+    many: bool,
 ) -> list[bytes]:
     raw = await request.body()
     try:
-        body = json.loads(raw) if raw.strip() else {}
-    except (ValueError, UnicodeDecodeError) as exc:
-        errors.append({"field": "body", "message": f"invalid JSON: {exc}"})
+        body = await run_in_threadpool(parse_json, raw, settings.max_json_depth)
+    except ValueError as exc:
+        errors.append({"field": "body", "message": str(exc)})
         return []
     if not isinstance(body, dict):
         errors.append({"field": "body", "message": "the JSON body must be an object"})
+        return []
+    if len(body) > settings.max_form_fields:
+        errors.append({"field": "body", "message": f"at most {settings.max_form_fields} members"})
         return []
     value = body.pop(image_field, None)
     fields.update({k: v for k, v in body.items() if v is not None})
@@ -161,6 +175,29 @@ async def _read_json(
         except ValueError as exc:
             errors.append({"field": where, "message": str(exc)})
     return images
+
+
+def parse_json(raw: bytes, max_depth: int) -> Any:
+    """A JSON body (empty: ``{}``), at most ``max_depth`` containers deep. ``ValueError`` with a
+    client-facing message otherwise. Called in a worker thread: a body of tens of megabytes takes
+    time to parse, and not the event loop's. orjson refuses nesting beyond 1024 by itself (the
+    standard library would recurse until ``RecursionError``)."""
+    if not raw.strip():
+        return {}
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"invalid JSON: {exc}") from None
+    stack: list[tuple[Any, int]] = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth + 1 > max_depth:
+                    raise ValueError(f"the JSON body nests deeper than {max_depth} levels")
+                stack.append((child, depth + 1))
+    return body
 
 
 _DATA_URI = re.compile(r"^data:[\w/+.-]*(;[\w=-]+)*;base64,", re.IGNORECASE)

@@ -136,3 +136,10 @@ class Health(Schema):
     status: Literal["ok", "loading", "failed"]
     detail: str | None = None
     models: dict[str, bool] = Field(default_factory=dict, description="model name → ready")
+
+
+class NotReadyProblem(Problem):
+    """``/readyz``'s 503: a problem, with the readiness state and each model's."""
+
+    state: Literal["loading", "failed"]
+    models: dict[str, bool] = Field(default_factory=dict, description="model name → ready")

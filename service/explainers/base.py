@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal, TypeVar
@@ -33,9 +34,11 @@ from service.errors import (
 from service.explainers.attention_capture import capturable
 from service.explainers.figures import CAM_HEATMAP, Figure
 from service.explainers.layers import (
+    FALLBACK_ACTIVATION_RATIO,
     NCHW,
     LayerTable,
     LayerView,
+    activation_bytes,
     describe_layers,
     has_scripted_parts,
     layer_before_head,
@@ -99,8 +102,14 @@ class ModelHandle:
     input_size: tuple[int, int, int] | None = None
     #: makes a new instance of the model where a deep copy cannot (a ``torch.export`` program)
     fresh: Callable[[], nn.Module] | None = field(default=None, repr=False)
+    #: activation memory one engine call may use, in bytes: ``batch_size`` is clamped to it
+    #: (``max_batch``); ``None``: no bound (a library caller's handle)
+    batch_memory_bytes: int | None = None
+    #: private copies kept (one per CAM layer a request named), the least recently used dropped
+    max_copies: int = 4
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
-    _prepared: dict[str | None, nn.Module] = field(default_factory=dict, repr=False)
+    _prepared: OrderedDict[str | None, nn.Module] = field(default_factory=OrderedDict, repr=False)
+    _pass_bytes: int | None = field(default=None, repr=False)
     _measured: dict[str, bool] = field(default_factory=dict, repr=False)
     _layers: LayerTable | None = field(default=None, repr=False)
 
@@ -116,10 +125,37 @@ class ModelHandle:
         """The private copy methods run on; ``keep`` names a layer whose output must stay exact."""
         with self.lock:
             if keep not in self._prepared:
+                # a running call holds its copy by reference: dropping it here frees it after
+                while len(self._prepared) >= max(1, self.max_copies):
+                    self._prepared.popitem(last=False)
                 self._prepared[keep] = prepare_model(
                     self.module, keep=keep, optimize=self.optimize, fresh=self.fresh
                 )
+            self._prepared.move_to_end(keep)
             return self._prepared[keep]
+
+    def pass_bytes(self) -> int:
+        """Memory one image's pass takes, measured once: the outputs of every module on a forward
+        of the private copy (``activation_bytes``), twice (their gradients on the way back). A
+        module that refuses hooks (TorchScript) is assumed at ``FALLBACK_ACTIVATION_RATIO`` times
+        its input."""
+        if self._pass_bytes is not None:
+            return self._pass_bytes
+        with self.lock:
+            if self._pass_bytes is None:
+                example = self.probe_input()
+                if supports_hooks(self.module):
+                    per_image = activation_bytes(self.prepared(), example) // int(example.shape[0])
+                else:
+                    per_image = FALLBACK_ACTIVATION_RATIO * example[0].numel() * example.element_size()
+                self._pass_bytes = 2 * max(1, per_image)
+            return self._pass_bytes
+
+    def max_batch(self) -> int | None:
+        """The largest ``batch_size`` whose passes fit ``batch_memory_bytes`` (at least 1)."""
+        if self.batch_memory_bytes is None:
+            return None
+        return max(1, self.batch_memory_bytes // self.pass_bytes())
 
     def pixel_bounds(self, channels: int) -> tuple[Tensor, Tensor]:
         """Normalised values of pixel intensity 0 and 1, each shaped (C, 1, 1), on ``device``."""

@@ -76,14 +76,18 @@ def explain(
 def resolve_params(m: Method, handle: ModelHandle, params: ExplainParams) -> ExplainParams:
     """The parameters a call runs with: the seed drawn when unset, the CAM layer resolved, and
     ``MethodNotApplicable`` unless the method applies to this model (its needs first, then its
-    own ``check``). The job service calls this at submission, so a job's seed and layer are fixed
-    before it is queued."""
+    own ``check``), and ``batch_size`` clamped to what the model's memory budget allows
+    (``ModelHandle.max_batch``: a memory knob, never a result one). The job service calls this at
+    submission, so a job's seed and layer are fixed before it is queued."""
     m.require(handle, params)
     if params.seed is None:
         params = params.with_(seed=secrets.randbits(62))
     if m.needs_layer:
         params = params.with_(layer=handle.resolve_layer(params.layer))
     m.check(handle, params)
+    limit = handle.max_batch()
+    if limit is not None and params.batch_size > limit:  # the model's memory budget
+        params = params.with_(batch_size=limit)
     return params
 
 

@@ -391,3 +391,29 @@ def supports_hooks(module: nn.Module) -> bool:
 def has_scripted_parts(module: nn.Module) -> bool:
     """True when ``module`` is or contains TorchScript code, which torch function modes cannot see."""
     return any(isinstance(m, torch.jit.ScriptModule) for m in module.modules())
+
+
+#: a model that refuses hooks is assumed to hold this many times its input per image in activations
+FALLBACK_ACTIVATION_RATIO = 200
+
+
+def activation_bytes(model: nn.Module, example: Tensor) -> int:
+    """Bytes of every module's tensor outputs on one forward of ``example`` (leaf modules only,
+    so a container's output is not counted again): what a backward pass keeps alive, roughly.
+    The hooks live inside this function's ``try/finally``."""
+    total = 0
+
+    def hook(_m: nn.Module, _inputs: tuple[object, ...], out: object) -> None:
+        nonlocal total
+        for t in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(t, Tensor):
+                total += t.numel() * t.element_size()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not any(True for _ in m.children())]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return total + example.numel() * example.element_size()

@@ -2,8 +2,9 @@
 
 Order of checks: upload size; format (only the formats below are even tried, so no plugin such
 as EPS ever runs on client bytes); declared width×height from the header, before any pixel is
-decoded (Pillow's own decompression-bomb guard stays on as a second line); minimum size; then
-the decode, EXIF orientation and the conversion to RGB.
+decoded (Pillow's own decompression-bomb guard stays on as a second line); minimum size; no
+compression that only a pure-Python decoder reads (RLE BMP: seconds per kilobyte); then the
+decode, EXIF orientation and the conversion to RGB.
 """
 
 from __future__ import annotations
@@ -113,6 +114,14 @@ def _decode(data: bytes, *, max_pixels: int, min_size: int, background: tuple[in
     if min(width, height) < min_size:
         raise ImageTooSmall(
             f"the image is {width}×{height}; width and height must be at least {min_size} pixels",
+            field="image",
+        )
+    slow = sorted({tile[0] for tile in im.tile if tile[0] in Image.DECODERS})
+    if slow:
+        # Pillow's Python-level decoders (RLE-compressed BMP: ~14 s for 25 KB, holding the GIL)
+        raise UnsupportedImage(
+            f"this {im.format} uses a compression the service does not decode ({', '.join(slow)}: "
+            "too slow to decode safely); send it as PNG, JPEG or an uncompressed BMP",
             field="image",
         )
     try:

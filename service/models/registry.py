@@ -150,8 +150,15 @@ class LoadedModel:
 # ------------------------------------------------------------------------------------------------
 # loading
 # ------------------------------------------------------------------------------------------------
-def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
-    """Build, check and place one model: eval mode, parameter gradients off, on ``device``."""
+def load_model(
+    spec: ModelSpec,
+    device: torch.device,
+    *,
+    batch_memory_bytes: int | None = None,
+    max_copies: int = 4,
+) -> LoadedModel:
+    """Build, check and place one model: eval mode, parameter gradients off, on ``device``;
+    ``batch_memory_bytes`` and ``max_copies`` bound its memory (``ModelHandle``)."""
     started = time.perf_counter()
     builtin = get_builtin(spec.architecture or spec.name) if spec.source == "builtin" else None
     input_size = spec.input_size or (builtin.input_size if builtin else (3, 224, 224))
@@ -190,6 +197,8 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
         name=spec.name,
         input_size=input_size,
         fresh=(lambda: build_module(spec, num_classes)) if spec.source == "export" else None,
+        batch_memory_bytes=batch_memory_bytes,
+        max_copies=max_copies,
     )
     _check_layers(spec, handle)
     architecture = spec.architecture or (
@@ -361,14 +370,27 @@ class ModelRegistry:
             specs = load_config(settings.models_config)
         else:
             specs = [ModelSpec(name=DEFAULT_MODEL, source="builtin")]
-        return cls.from_specs(specs, device=settings.device, isolate=True)
+        return cls.from_specs(
+            specs,
+            device=settings.device,
+            isolate=True,
+            batch_memory_bytes=settings.batch_memory_bytes,
+            max_copies=settings.prepared_copies,
+        )
 
     @classmethod
     def from_specs(
-        cls, specs: list[ModelSpec], *, device: str = "auto", isolate: bool = False
+        cls,
+        specs: list[ModelSpec],
+        *,
+        device: str = "auto",
+        isolate: bool = False,
+        batch_memory_bytes: int | None = None,
+        max_copies: int = 4,
     ) -> ModelRegistry:
         """Load each spec on its own device, else on ``device``. ``isolate``: a model that fails to
-        load is recorded as failed (logged) instead of failing the whole registry."""
+        load is recorded as failed (logged) instead of failing the whole registry. The memory
+        bounds go to each model's handle (``load_model``)."""
         check_unique(specs)
         if not specs:
             raise ConfigError("no models configured")
@@ -376,7 +398,10 @@ class ModelRegistry:
         failed: list[FailedModel] = []
         for spec in specs:
             try:
-                loaded.append(load_model(spec, resolve_device(spec.device or device)))
+                where = resolve_device(spec.device or device)
+                loaded.append(
+                    load_model(spec, where, batch_memory_bytes=batch_memory_bytes, max_copies=max_copies)
+                )
             except Exception as exc:
                 if not isolate:
                     raise

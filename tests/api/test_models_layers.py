@@ -57,7 +57,7 @@ def test_a_model_that_fails_to_load_does_not_take_the_others_down(tmp_path: Path
     )
     app = create_app(make_settings(config))
     with TestClient(app, raise_server_exceptions=False) as client:
-        wait_for(lambda: client.get("/readyz").json()["status"] == "failed", "the load to finish")
+        wait_for(lambda: client.get("/readyz").json().get("state") == "failed", "the load to finish")
         ready = client.get("/readyz")
         assert ready.status_code == 503 and "broken_vit" in ready.json()["detail"]
         assert ready.json()["models"] == {"tiny": True, "tiny_crop": True, "broken_vit": False}

@@ -45,7 +45,9 @@ def test_healthz_answers_while_models_load_and_readyz_waits(tiny_config: Path, g
     with TestClient(app, raise_server_exceptions=False) as client:
         assert client.get("/healthz").status_code == 200
         r = client.get("/readyz")
-        assert r.status_code == 503 and r.json()["status"] == "loading" and r.headers["Retry-After"]
+        assert r.status_code == 503 and r.json()["state"] == "loading" and r.headers["Retry-After"]
+        assert r.headers["content-type"] == "application/problem+json"
+        assert r.json()["type"].endswith(":not-ready") and r.json()["models"] == {}
         r = client.get("/v1/models")
         assert r.status_code == 503 and r.headers["content-type"] == "application/problem+json"
         assert r.json()["type"].endswith("not-ready") and r.headers["Retry-After"]
@@ -83,7 +85,7 @@ def test_readyz_waits_for_the_warmup(tiny_config: Path, monkeypatch: pytest.Monk
 def test_failed_loading_is_reported_not_fatal(tmp_path: Path) -> None:
     app = create_app(make_settings(tmp_path / "missing.toml"))
     with TestClient(app, raise_server_exceptions=False) as client:
-        wait_for(lambda: client.get("/readyz").json()["status"] == "failed", "the load failure")
+        wait_for(lambda: client.get("/readyz").json().get("state") == "failed", "the load failure")
         r = client.get("/readyz")
         assert r.status_code == 503 and "missing.toml" in r.json()["detail"]
         assert client.get("/healthz").status_code == 200

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
-from service.api import pipeline
+from service.api import budget, pipeline
 from service.api.deps import OwnerDep, ServicesDep
 from service.api.openapi import image_request_body
 from service.api.options import JobOptions, render_query
@@ -323,9 +323,15 @@ async def job_result(
         if not 0 <= index < record.spec.images:
             raise InvalidParameter(f"index must be in [0, {record.spec.images})", field="index")
         image = await jobs.image(job_id, index, owner=owner)
+    expl = result.explanation
+    channels = 1 if expl.attributions is None else int(expl.attributions.shape[2])
+    shape = budget.answer(
+        fmt, render, result.geometries, targets=int(expl.maps.shape[1]), channels=channels, index=index
+    )
+    stream = budget.check(services.settings, shape) > budget.STREAM_BYTES
     targets = record.spec.target_set()
     return await run_in_threadpool(
-        _render, services.settings, fmt, model, result, targets, render, index, image
+        _render, services.settings, fmt, model, result, targets, render, index, image, stream
     )
 
 
@@ -380,6 +386,7 @@ def _render(
     render: RenderParams,
     index: int,
     image_bytes: bytes | None,
+    stream: bool,
 ) -> Response:
     empty = torch.empty(0)
 
@@ -400,4 +407,5 @@ def _render(
         elapsed_ms=result.elapsed_ms,
         index=index,
         image_indices=True,
+        stream=stream,
     )

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import JSONResponse, Response
 
+from service.api import problems
 from service.api.deps import ServicesDep
-from service.api.schemas import Health
+from service.api.schemas import Health, NotReadyProblem
 
 router = APIRouter(tags=["operations"])
 
@@ -21,22 +22,36 @@ async def healthz() -> Health:
     "/readyz",
     response_model=Health,
     summary="Readiness: 503 until every model is loaded and warmed up",
-    responses={503: {"model": Health, "description": "still loading, or loading failed"}},
+    responses={
+        503: {
+            "model": NotReadyProblem,
+            "description": "still loading, or loading failed: a problem whose `state` says which",
+            "content": {"application/problem+json": {}},
+        }
+    },
 )
-async def readyz(services: ServicesDep) -> Response:
+async def readyz(request: Request, services: ServicesDep) -> Response:
     registry = services.registry
     models = {info["name"]: bool(info["ready"]) for info in registry.infos()} if registry is not None else {}
     failures = registry.failures() if registry is not None else {}
     if services.ready:
         return JSONResponse(Health(status="ok", models=models).model_dump())
     if services.load_error is not None:
-        health = Health(status="failed", detail=services.load_error, models=models)
+        state, detail = "failed", services.load_error
     elif failures:
+        state = "failed"
         detail = "; ".join(f"model {name!r} is unavailable: {why}" for name, why in failures.items())
-        health = Health(status="failed", detail=detail, models=models)
     else:
-        health = Health(status="loading", detail="models are loading or warming up", models=models)
-    return JSONResponse(health.model_dump(), status_code=503, headers={"Retry-After": "2"})
+        state, detail = "loading", "models are loading or warming up"
+    return problems.problem(
+        503,
+        detail=detail,
+        instance=request.url.path,
+        title="Not ready",
+        type_=problems.TYPE_PREFIX + "not-ready",
+        headers={"Retry-After": str(problems.NOT_READY_RETRY_AFTER_S)},
+        extensions={"state": state, "models": models},
+    )
 
 
 @router.get(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections import OrderedDict
 from dataclasses import replace
 
 from service.config import Settings
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 
 def replica(handle: ModelHandle) -> ModelHandle:
     """A handle over the same weights with its own lock and prepared copies."""
-    return replace(handle, lock=threading.RLock(), _prepared={})
+    return replace(handle, lock=threading.RLock(), _prepared=OrderedDict())
 
 
 class JobLane:

@@ -18,7 +18,9 @@ import time
 from concurrent.futures import Future
 from typing import Any
 
-from service.errors import Cancelled
+import torch
+
+from service.errors import Cancelled, DeviceOutOfMemory
 from service.explainers import explain
 from service.metrics import Metrics
 from service.runtime.sync.batcher import BatchQueue, CallRequest, ExplainRequest, combine, split
@@ -146,6 +148,8 @@ class DeviceWorker:
                 r.future.set_exception(exc)
             return
         except Exception as exc:
+            if isinstance(exc, torch.OutOfMemoryError):
+                free_device_memory()  # then each alone: smaller calls may fit
             # one request's bad input (say, a target out of range) must not fail the others:
             # each runs alone and gets its own answer or its own error
             log.debug("batch of %d failed (%r); running its requests one by one", len(requests), exc)
@@ -163,9 +167,31 @@ def _explain_alone(r: ExplainRequest) -> None:
     _call(r.future, run, r.stop.is_set)
 
 
+#: how long a client should wait after the device ran out of memory
+OOM_RETRY_AFTER_S = 2
+
+
+def free_device_memory() -> None:
+    """Hand the CUDA caching allocator's free blocks back after an out-of-memory error, so the
+    next request starts from a clean device."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _call(future: Future[Any], fn: Any, is_cancelled: Any) -> None:
     try:
         result = fn(is_cancelled)
+    except torch.OutOfMemoryError:
+        # the tensors of the failed call are gone with its frames: free the cache, answer 503
+        log.warning("the device ran out of memory on a synchronous request; its cache was emptied")
+        free_device_memory()
+        future.set_exception(
+            DeviceOutOfMemory(
+                "the device ran out of memory on this request; retry shortly, or ask for less at "
+                "once (fewer images or targets, a smaller batch_size), or submit a job",
+                retry_after=OOM_RETRY_AFTER_S,
+            )
+        )
     except BaseException as exc:
         future.set_exception(exc)
     else:
