@@ -3,14 +3,19 @@ still answers correctly afterwards."""
 
 from __future__ import annotations
 
+import io
 import struct
+import time
+import tracemalloc
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
+import torch
 from api_helpers import LABELS, decode_png, encode, make_settings, sample_image, upload, wait_ready
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -383,3 +388,226 @@ def test_no_5xx_for_random_bytes(client: TestClient) -> None:
         assert 400 <= r.status_code < 500, (i, r.status_code, r.text)
         assert r.headers["content-type"] == "application/problem+json"
     assert client.get("/healthz").status_code == 200
+
+
+# ------------------------------------------------------------------------------------------------
+# hostile requests (issue: safe to expose): each a 4xx problem, nothing held afterwards
+# ------------------------------------------------------------------------------------------------
+def rle_bmp(width: int = 4000, height: int = 4000) -> bytes:
+    """A 256-colour BMP with RLE8 compression (Pillow decodes it in pure Python)."""
+    rle = b"\x00\x00" * (height - 1) + b"\x00\x01"  # an empty line each, then end of bitmap
+    palette = b"\x00\x00\x00\x00" * 256
+    offset = 14 + 40 + len(palette)
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(rle), 2835, 2835, 256, 0)
+    return b"BM" + struct.pack("<IHHI", offset + len(rle), 0, 0, offset) + info + palette + rle
+
+
+def one_bit_png(width: int, height: int) -> bytes:
+    """A tiny file of many pixels: a one-bit PNG of ``width`` × ``height``, stripes."""
+    image = Image.new("1", (width, height))
+    image.paste(1, (0, 0, width, height // 2))
+    return encode(image, optimize=True)
+
+
+@pytest.mark.usefixtures("still_healthy")
+def test_json_nesting_members_and_form_fields_are_bounded(client: TestClient) -> None:
+    deep = b'{"a":' * 100_000 + b"1" + b"}" * 100_000
+    body = assert_problem(
+        client.post(EXPLAIN, content=deep, headers={"content-type": "application/json"}), 422
+    )
+    assert "depth" in body["detail"] or "deeper" in body["detail"]
+    nested = b'{"target": ' + b"[" * 40 + b"]" * 40 + b"}"
+    body = assert_problem(
+        client.post(EXPLAIN, content=nested, headers={"content-type": "application/json"}), 422
+    )
+    assert "deeper than 32" in body["detail"]
+    wide = orjson.dumps({f"f{i}": 1 for i in range(5000)})
+    body = assert_problem(
+        client.post(EXPLAIN, content=wide, headers={"content-type": "application/json"}), 422
+    )
+    assert "at most 256 members" in body["detail"]
+    fields = "&".join(f"f{i}=1" for i in range(200_000)).encode()
+    r = client.post(EXPLAIN, content=fields, headers={"content-type": "application/x-www-form-urlencoded"})
+    assert_problem(r, 400)
+    assert "fields" in r.json()["detail"]
+
+
+@pytest.mark.usefixtures("still_healthy")
+def test_rle_bmp_is_refused_without_decoding(client: TestClient) -> None:
+    data = rle_bmp()
+    assert len(data) < 10_000
+    started = time.perf_counter()
+    body = assert_problem(client.post(EXPLAIN, files=upload(data, "a.bmp", "image/bmp")), 415)
+    assert time.perf_counter() - started < 5.0
+    assert "bmp_rle" in body["detail"]
+    # an uncompressed BMP is fine
+    assert (
+        client.post(EXPLAIN, files=upload(encode(sample_image(), "BMP"), "a.bmp", "image/bmp")).status_code
+        == 200
+    )
+
+
+@pytest.mark.usefixtures("still_healthy")
+def test_a_response_over_the_budget_is_refused_before_any_work(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 2000×2000 PNG of a few kilobytes, every class, per-channel maps at the upload's size, as
+    JSON: about 1.2 GB of text. Refused as 422 response-too-large, naming the ways to shrink it,
+    before the model runs."""
+    data = one_bit_png(2000, 2000)
+    assert len(data) < 5_000
+    ran: list[int] = []
+    executor = client.app.state.services.executor  # type: ignore[attr-defined]
+    real = executor.explain
+
+    async def counting(*args: Any, **kwargs: Any) -> Any:
+        ran.append(1)
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(executor, "explain", counting)
+    form = {"method": "input_x_gradient", "top_k": "10", "reduction": "none", "format": "json"}
+    body = assert_problem(client.post(EXPLAIN, files=upload(data), data=form), 422)
+    assert body["type"].endswith(":response-too-large")
+    for hint in ("resolution=model", "format=npy", "top_k", "reduction=sum"):
+        assert hint in body["detail"]
+    assert ran == []
+    # shrunk as told, it is served
+    r = client.post(EXPLAIN, files=upload(data), data={**form, "resolution": "model"})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["explanations"]) == 10 and ran == [1]
+
+
+def test_large_bodies_stream_and_match_the_whole_ones(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same request, built whole and streamed (the threshold lowered): identical JSON and npy."""
+    from service.api import budget
+
+    data = encode(sample_image(300, 200, seed=3))
+    form = {"method": "saliency", "top_k": "3", "seed": "1"}
+    whole_json = client.post(EXPLAIN, files=upload(data), data={**form, "format": "json"})
+    whole_npy = client.post(EXPLAIN, files=upload(data), data={**form, "format": "npy"})
+    whole_cmp = client.post(
+        "/v1/models/tiny/compare", files=upload(data), data={"methods": "gradcam,saliency", "format": "json"}
+    )
+    monkeypatch.setattr(budget, "STREAM_BYTES", 1000)
+    streamed_json = client.post(EXPLAIN, files=upload(data), data={**form, "format": "json"})
+    streamed_npy = client.post(EXPLAIN, files=upload(data), data={**form, "format": "npy"})
+    streamed_cmp = client.post(
+        "/v1/models/tiny/compare", files=upload(data), data={"methods": "gradcam,saliency", "format": "json"}
+    )
+    for whole, streamed in (
+        (whole_json, streamed_json),
+        (whole_npy, streamed_npy),
+        (whole_cmp, streamed_cmp),
+    ):
+        assert whole.status_code == streamed.status_code == 200, streamed.text
+        assert "content-length" in whole.headers and "content-length" not in streamed.headers
+    drop = {"elapsed_ms"}
+    a, b = whole_json.json(), streamed_json.json()
+    assert {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}
+    assert np.array_equal(np.load(io.BytesIO(whole_npy.content)), np.load(io.BytesIO(streamed_npy.content)))
+    ca, cb = whole_cmp.json(), streamed_cmp.json()
+    assert [r["explanations"] for r in ca["results"]] == [r["explanations"] for r in cb["results"]]
+
+
+def test_a_very_wide_image_costs_memory_of_the_output_not_width_times_model_height(
+    client: TestClient,
+) -> None:
+    """A 1 000 000 × 8 one-bit PNG (~1 KB) as a Grad-CAM PNG and as JSON at its own resolution:
+    served, with the NumPy memory of the request (tracemalloc follows NumPy's allocations) below
+    a bound a few times the 32 MB float32 output — mapping back used to build a C × 224 × width
+    intermediate (gigabytes)."""
+    data = one_bit_png(1_000_000, 8)
+    assert len(data) < 5_000
+    for form in ({"method": "gradcam"}, {"method": "gradcam", "format": "json"}):
+        tracemalloc.start()
+        try:
+            r = client.post(EXPLAIN, files=upload(data), data=form)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert r.status_code == 200, r.text
+        assert peak < 400 * 2**20, f"{form}: peak {peak / 2**20:.0f} MiB"
+    assert r.json()["explanations"][0]["shape"] == [8, 1_000_000]
+
+
+@pytest.mark.usefixtures("still_healthy")
+def test_unknown_verbs_add_no_metric_series(client: TestClient) -> None:
+    for verb in ("ZZ123", "BREW", "X" * 40):
+        r = client.request(verb, "/healthz")
+        assert 400 <= r.status_code < 500
+    metrics = client.get("/metrics").text
+    assert "ZZ123" not in metrics and "BREW" not in metrics
+    assert 'method="other"' in metrics
+    client.get(f"/no/such/path/{'q' * 30}")
+    assert "qqqq" not in client.get("/metrics").text
+
+
+@pytest.mark.usefixtures("still_healthy")
+def test_device_out_of_memory_is_503_and_the_next_request_is_served(
+    client: TestClient, png_bytes: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.runtime.sync import devices
+
+    freed: list[int] = []
+    real = devices.explain
+    calls = {"n": 0}
+
+    def oom_once(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(devices, "explain", oom_once)
+    monkeypatch.setattr(devices, "free_device_memory", lambda: freed.append(1))
+    r = client.post(EXPLAIN, files=upload(png_bytes))
+    body = assert_problem(r, 503)
+    assert body["type"].endswith(":device-out-of-memory") and int(r.headers["Retry-After"]) >= 1
+    assert "20.00 GiB" not in r.text and freed == [1]
+    assert client.post(EXPLAIN, files=upload(png_bytes)).status_code == 200
+
+
+def test_decoding_counts_against_the_deadline(
+    client: TestClient, png_bytes: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    services = client.app.state.services  # type: ignore[attr-defined]
+    real = pipeline._prepare_all
+
+    def slow(*args: Any) -> Any:
+        time.sleep(1.5)
+        return real(*args)
+
+    monkeypatch.setattr(services.settings, "request_timeout_s", 0.5)
+    monkeypatch.setattr(pipeline, "_prepare_all", slow)
+    started = time.perf_counter()
+    body = assert_problem(client.post(EXPLAIN, files=upload(png_bytes)), 504)
+    assert time.perf_counter() - started < 1.4
+    assert "0.5 s" in body["detail"]
+
+
+@pytest.mark.usefixtures("still_healthy")
+def test_scorecam_is_costed_by_its_layers_channels(
+    client: TestClient, png_bytes: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tiny ResNet-18's layer1 has 64 channels and layer4 512: with 200 passes allowed, the
+    first fits and the second is 422 naming its 513 passes."""
+    services = client.app.state.services  # type: ignore[attr-defined]
+    monkeypatch.setattr(services.settings, "max_sync_passes", 200)
+    ok = client.post(EXPLAIN, files=upload(png_bytes), data={"method": "scorecam", "layer": "layer1"})
+    assert ok.status_code == 200, ok.text
+    body = assert_problem(client.post(EXPLAIN, files=upload(png_bytes), data={"method": "scorecam"}), 422)
+    assert "513 forward/backward passes" in body["detail"]
+
+
+@pytest.mark.usefixtures("still_healthy")
+def test_a_layer_no_method_can_use_is_refused_at_job_submission(client: TestClient, png_bytes: bytes) -> None:
+    for layer in ("fc", "avgpool", "no.such.layer"):
+        r = client.post(
+            "/v1/jobs",
+            files={"images": ("a.png", png_bytes, "image/png")},
+            data={"model": "tiny", "method": "gradcam", "layer": layer},
+        )
+        body = assert_problem(r, 422)
+        assert "layer4" in body["detail"]
