@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 HOST ?= $(or $(SALIENCY_HOST),127.0.0.1)
 PORT ?= $(or $(SALIENCY_PORT),8000)
 
-.PHONY: serve test install install-dev lint typecheck unit openapi bench clean
+.PHONY: serve test install install-dev lint typecheck unit openapi bench soak soak-short clean
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,13 @@ openapi: install
 
 bench: install-dev
 	$(PY) benchmarks/methods.py
+
+# valid and hostile traffic against a real server on 127.0.0.1 (see benchmarks/soak.py)
+soak: install-dev
+	$(PY) benchmarks/soak.py --duration 120
+
+soak-short: install-dev
+	$(PY) benchmarks/soak.py --duration 30
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -226,18 +226,18 @@ async def submit_job(request: Request, services: ServicesDep, jobs: JobsDep, own
         choose_format(render.format, None, RESULT_FORMATS)
     params = options.engine_params(settings)
     targets = options.targets(len(parsed.images), model.num_classes)
-    await run_in_threadpool(_check_images, settings, model, parsed.images)
-    record = await jobs.submit(
+    spec, result_bytes = await jobs.plan(
         model,
         options.method,
         params,
         targets,
-        images=parsed.images,
-        owner=owner,
+        images=len(parsed.images),
         keep_attributions=render.reduction == "none" or shown.colormap == RGB,
         keep_inputs=render.format == "overlay",
         options=render.as_dict(),
     )
+    await run_in_threadpool(_check_images, settings, model, parsed.images)
+    record = await jobs.submit(spec, result_bytes, parsed.images, owner=owner)
     return _job_response(record, 202, {"Location": f"/v1/jobs/{record.id}"})
 
 

@@ -163,24 +163,24 @@ class JobService:
         await asyncio.to_thread(self._shutdown)
 
     # --- the API's calls -----------------------------------------------------------------------
-    async def submit(
+    async def plan(
         self,
         model: LoadedModel,
         method: str,
         params: ExplainParams,
         targets: Targets,
         *,
-        images: list[bytes],
-        owner: str | None,
+        images: int,
         keep_attributions: bool = False,
         keep_inputs: bool = False,
         options: dict[str, Any] | None = None,
-    ) -> JobRecord:
-        """Queue a job over ``images`` (upload bytes, already validated by the caller) for
-        ``owner``. ``keep_inputs``: keep the uploads after success, to draw overlays."""
-        if len(images) > self.settings.job_max_images:
+    ) -> tuple[JobSpec, int]:
+        """The job's spec and its result's estimated size, or the reason it is refused: too many
+        images, an unusable layer, too many passes, too large a result. Nothing is stored; the
+        caller checks the images next (decoding is work too: it comes after this)."""
+        if images > self.settings.job_max_images:
             raise InvalidParameter(
-                f"a job takes at most {self.settings.job_max_images} images (got {len(images)})",
+                f"a job takes at most {self.settings.job_max_images} images (got {images})",
                 field="images",
             )
 
@@ -190,14 +190,22 @@ class JobService:
                 method,
                 params,
                 targets,
-                images=len(images),
+                images=images,
                 keep_attributions=keep_attributions,
                 keep_inputs=keep_inputs,
                 options=options,
             )
             return spec, check_size(self.settings, model, spec)
 
-        spec, result_bytes = await asyncio.to_thread(plan)
+        return await asyncio.to_thread(plan)
+
+    async def submit(
+        self, spec: JobSpec, result_bytes: int, images: list[bytes], *, owner: str | None
+    ) -> JobRecord:
+        """Queue a planned job (``plan``) over ``images`` (upload bytes, already validated by
+        the caller) for ``owner``; the store reserves ``result_bytes`` for its result."""
+        if len(images) != spec.images:
+            raise InvalidParameter(f"the job was planned for {spec.images} images, got {len(images)}")
         record = JobRecord(id=new_job_id(), status="queued", spec=spec, created_at=time.time(), owner=owner)
         limits = Limits.from_settings(self.settings)
         await self._io(self.store.create, record, images, limits=limits, reserve=result_bytes)
