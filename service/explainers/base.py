@@ -152,7 +152,8 @@ class ModelHandle:
             return self._pass_bytes
 
     def max_batch(self) -> int | None:
-        """The largest ``batch_size`` whose passes fit ``batch_memory_bytes`` (at least 1)."""
+        """The largest ``batch_size`` whose passes fit ``batch_memory_bytes`` (at least 1). The
+        registry measures ``pass_bytes`` at load, so this never waits for the replica's lock."""
         if self.batch_memory_bytes is None:
             return None
         return max(1, self.batch_memory_bytes // self.pass_bytes())

@@ -201,6 +201,8 @@ def load_model(
         max_copies=max_copies,
     )
     _check_layers(spec, handle)
+    if batch_memory_bytes is not None:
+        handle.pass_bytes()  # measured now: requests read it while an explanation holds the lock
     architecture = spec.architecture or (
         spec.name if builtin else str(getattr(module, "original_name", type(module).__name__))
     )
