@@ -361,7 +361,7 @@ def test_resolve_device(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_spec_device_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[torch.device] = []
-    monkeypatch.setattr(registry, "load_model", lambda spec, device: seen.append(device) or spec)
+    monkeypatch.setattr(registry, "load_model", lambda spec, device, **_: seen.append(device) or spec)
     specs = [ModelSpec(name="a", device="cpu"), ModelSpec(name="b")]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError):  # b falls back to the service's "cuda"
