@@ -344,11 +344,17 @@ async def soak(base: str, model: str, duration: float, concurrency: int, seed: i
                     tally.latencies[family].append(elapsed)
                 if r.status_code >= 500 and not (r.status_code in (503, 504) and "retry-after" in r.headers):
                     tally.bad_5xx.append(f"{case}: {r.status_code} {r.text[:200]}")
-                elif r.status_code not in expected:
+                elif r.status_code not in expected and not refused_for_load(r):
                     tally.unexpected.append(f"{case}: {r.status_code} {r.text[:200]}")
 
         await asyncio.gather(*(client() for _ in range(concurrency)))
     return tally
+
+
+def refused_for_load(r: httpx.Response) -> bool:
+    """A 429 (the key's slots are all busy) or 503 with ``Retry-After``: a fair answer to any
+    request under load, hostile or not (the slot is taken before the request is read)."""
+    return r.status_code in (429, 503) and "retry-after" in r.headers
 
 
 def percentile(xs: list[float], q: float) -> float:

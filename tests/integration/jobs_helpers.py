@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import torch
 import torchvision
-from helpers import free_port, until
+from helpers import WAIT_S, free_port, until
 from PIL import Image
 
 
@@ -170,3 +170,35 @@ class RedisServer:
             return False
         finally:
             client.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# a job through an API client (TestClient or httpx.Client)
+# ------------------------------------------------------------------------------------------------
+def submit(client: Any, images: list[bytes], **params: str) -> dict[str, Any]:
+    r = client.post("/v1/jobs", files=files(images), data={"model": "tiny", **params})
+    assert r.status_code == 202, r.text
+    job: dict[str, Any] = r.json()
+    return job
+
+
+def status(client: Any, job_id: str) -> dict[str, Any]:
+    r = client.get(f"/v1/jobs/{job_id}")
+    assert r.status_code == 200, r.text
+    job: dict[str, Any] = r.json()
+    return job
+
+
+def wait_status(client: Any, job_id: str, *states: str, timeout: float = WAIT_S) -> dict[str, Any]:
+    job: dict[str, Any] = until(
+        lambda: (j := status(client, job_id))["status"] in states and j,
+        f"job {job_id} to be {states}",
+        timeout,
+    )
+    return job
+
+
+def submit_id(client: Any, images: list[bytes], **params: str) -> str:
+    """``submit``, the new job's id."""
+    job_id: str = submit(client, images, **params)["id"]
+    return job_id

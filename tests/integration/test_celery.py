@@ -19,15 +19,17 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from helpers import WAIT_S, redis_server
+from helpers import redis_server
 from jobs_helpers import (
     drop_namespace,
-    files,
     png,
     service_env,
     start_api,
     start_worker,
+    status,
+    submit,
     until,
+    wait_status,
     write_tiny_config,
 )
 
@@ -89,29 +91,6 @@ def workers(settings: dict[str, Any], tmp_path: Path) -> Iterator[list[Any]]:
     yield started
     for w in started:
         w.kill()
-
-
-def submit(client: Any, images: list[bytes], **params: str) -> dict[str, Any]:
-    r = client.post("/v1/jobs", files=files(images), data={"model": "tiny", **params})
-    assert r.status_code == 202, r.text
-    job: dict[str, Any] = r.json()
-    return job
-
-
-def status(client: Any, job_id: str) -> dict[str, Any]:
-    r = client.get(f"/v1/jobs/{job_id}")
-    assert r.status_code == 200, r.text
-    job: dict[str, Any] = r.json()
-    return job
-
-
-def wait_status(client: Any, job_id: str, *states: str, timeout: float = WAIT_S) -> dict[str, Any]:
-    job: dict[str, Any] = until(
-        lambda: (j := status(client, job_id))["status"] in states and j,
-        f"job {job_id} to be {states}",
-        timeout,
-    )
-    return job
 
 
 def wait_progress(client: Any, job_id: str, above: float = 0.02) -> dict[str, Any]:

@@ -22,11 +22,13 @@ from helpers import redis_server
 from jobs_helpers import (
     RedisServer,
     drop_namespace,
-    files,
     png,
     service_env,
     start_worker,
+    status,
+    submit_id,
     until,
+    wait_status,
     write_tiny_config,
 )
 
@@ -95,29 +97,6 @@ def workers() -> Iterator[list[Any]]:
         w.kill()
 
 
-def submit(client: TestClient, images: list[bytes], **params: str) -> str:
-    r = client.post("/v1/jobs", files=files(images), data={"model": "tiny", **params})
-    assert r.status_code == 202, r.text
-    job_id: str = r.json()["id"]
-    return job_id
-
-
-def status(client: TestClient, job_id: str) -> dict[str, Any]:
-    r = client.get(f"/v1/jobs/{job_id}")
-    assert r.status_code == 200, r.text
-    job: dict[str, Any] = r.json()
-    return job
-
-
-def wait_status(client: TestClient, job_id: str, *states: str, timeout: float = WAIT_S) -> dict[str, Any]:
-    job: dict[str, Any] = until(
-        lambda: (j := status(client, job_id))["status"] in states and j,
-        f"job {job_id} to be {states}",
-        timeout,
-    )
-    return job
-
-
 def record(**spec: Any) -> JobRecord:
     job_spec = JobSpec("tiny", "gradcam", {}, None, 1, 1, **spec)
     return JobRecord(id=new_job_id(), status="queued", spec=job_spec, created_at=time.time())
@@ -182,7 +161,7 @@ def test_a_job_whose_message_was_lost_is_sent_again_and_runs(
     assert redispatch_s(Settings(**settings)) <= 10
     workers.append(start_worker(service_env(**settings), tmp_path / "w.log", "fa"))
     with api(settings) as client:
-        job_id = submit(client, [png(0)], method="gradcam")
+        job_id = submit_id(client, [png(0)], method="gradcam")
         time.sleep(3)
         assert status(client, job_id)["status"] == "queued"  # no message: nothing runs it
         done = wait_status(client, job_id, "succeeded", "failed", timeout=40)
@@ -201,7 +180,7 @@ def test_a_result_too_large_for_the_store_fails_the_job_clearly(
     redelivered until it counts as worker-lost."""
     workers.append(start_worker(service_env(**settings, job_max_result_bytes=2048), tmp_path / "w.log", "fc"))
     with api(settings) as client:
-        job_id = submit(client, [png(1)], method="gradcam", top_k="3")
+        job_id = submit_id(client, [png(1)], method="gradcam", top_k="3")
         failed = wait_status(client, job_id, "failed", "succeeded")
         assert failed["status"] == "failed", failed
         assert failed["error"]["type"].endswith("result-too-large") and failed["error"]["status"] == 422
@@ -226,7 +205,7 @@ def test_a_redis_restart_mid_job_loses_nothing(config: Path, workers: list[Any],
     try:
         workers.append(start_worker(service_env(**v), tmp_path / "w.log", "fd"))
         with api(v) as client:
-            job_id = submit(
+            job_id = submit_id(
                 client, [png(2), png(3)], method="integrated_gradients", steps="512", batch_size="8"
             )
             until(lambda: status(client, job_id)["progress"] > 0.05, "the job to make progress", WAIT_S)
