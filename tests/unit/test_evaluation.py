@@ -262,7 +262,7 @@ def deeper_cnn() -> nn.Module:
 
 def hooks_of(model: nn.Module) -> int:
     return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) + len(m._full_backward_hooks)
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) + len(m._backward_pre_hooks)
         for m in model.modules()
     )
 
