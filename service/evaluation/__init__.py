@@ -5,6 +5,7 @@ parameters once; ``curves`` the batched curves and their AUC; ``sanity`` the cas
 randomisation on a private copy; ``evaluate`` puts them together for one image.
 """
 
+from service.evaluation import report
 from service.evaluation.evaluate import (
     Evaluation,
     MethodScores,
@@ -33,6 +34,7 @@ __all__ = [
     "curve_passes",
     "evaluate",
     "random_map",
+    "report",
     "sanity_blocks",
     "score_maps",
 ]

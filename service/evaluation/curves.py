@@ -78,7 +78,10 @@ def substitute_image(x: Tensor, kind: str, black: Tensor) -> Tensor:
             raise InvalidParameter(
                 f"substitute=blur needs an input larger than {BLUR_KERNEL // 2} px a side", field="substitute"
             )
-        return TF.gaussian_blur(x, kernel_size=[BLUR_KERNEL, BLUR_KERNEL], sigma=[BLUR_SIGMA, BLUR_SIGMA])
+        blurred: Tensor = TF.gaussian_blur(
+            x, kernel_size=[BLUR_KERNEL, BLUR_KERNEL], sigma=[BLUR_SIGMA, BLUR_SIGMA]
+        )
+        return blurred
     if kind == "black":
         return black.to(x.device, x.dtype).expand_as(x).clone()
     if kind == "mean":
@@ -100,7 +103,7 @@ class CurveTask:
 
 def stage_inputs(x: Tensor, task: CurveTask, counts: Tensor, stages: slice) -> Tensor:
     """Stages ``stages`` of one curve as a batch (n, C, H, W)."""
-    c, h, w = x.shape
+    _c, h, w = x.shape
     replaced = (task.ranks.view(1, -1) < counts[stages].view(-1, 1)).view(-1, 1, h, w)
     if task.kind == "deletion":
         return torch.where(replaced, task.substitute, x)

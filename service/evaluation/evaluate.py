@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from service.errors import MethodNotApplicable
 from service.evaluation.curves import CurveTask, auc, ranks, run_curves, substitute_image
 from service.evaluation.params import POINTING_MARGIN_PX, EvaluateParams
 from service.evaluation.sanity import Sanity, block_count, sanity
-from service.errors import MethodNotApplicable
 from service.explainers import Explanation, ModelHandle, get_method
 from service.imaging.geometry import Geometry, to_original
 
@@ -68,13 +68,13 @@ def curve_passes(params: EvaluateParams, maps: int) -> int:
     return maps * len(params.curves) * (params.curve_steps + 1)
 
 
-def cost(params: EvaluateParams, method_costs: Sequence[int], blocks: int) -> int:
-    """Passes of one image's evaluation: each method's explanation, the curves of its map and of
-    the random map (computed once, shared by the methods), and per method ``blocks`` more
-    explanations for the sanity check."""
+def cost(params: EvaluateParams, method_costs: Sequence[int], blocks: int, *, baseline: bool = True) -> int:
+    """Passes of one image's evaluation (per target): each method's explanation, the curves of
+    its map and, with ``baseline``, of the random map (computed once, shared by the methods), and
+    per method ``blocks`` more explanations for the sanity check."""
     sanity_steps = blocks if "sanity" in params.metric_list else 0
     explained = sum(c * (1 + sanity_steps) for c in method_costs)
-    maps = len(method_costs) + 1 if params.curves else 0
+    maps = len(method_costs) + (1 if baseline else 0) if params.curves else 0
     return explained + curve_passes(params, maps)
 
 
@@ -214,4 +214,6 @@ def evaluate(
     if "sanity" in params.metric_list:
         for r, e in zip(results, explanations, strict=True):
             r.sanity = sanity(handle, x, e.method, e.params, target, e.maps[0, 0], seed=seed, cancel=cancel)
-    return Evaluation(target=target, score=float(explanations[0].scores[0, 0]), results=results, random=random)
+    return Evaluation(
+        target=target, score=float(explanations[0].scores[0, 0]), results=results, random=random
+    )

@@ -106,9 +106,7 @@ class EvaluateParams:
         """``InvalidParameter`` when the box reaches outside a ``width`` × ``height`` image."""
         r = self.rect
         if r is not None and (r[2] > width or r[3] > height):
-            raise InvalidParameter(
-                f"box {self.box} reaches outside the {width}×{height} image", field="box"
-            )
+            raise InvalidParameter(f"box {self.box} reaches outside the {width}×{height} image", field="box")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -80,7 +80,15 @@ def test_hand_worked_curves_and_auc() -> None:
     Σ W16 over the pixels not yet deleted, insertion puts back Σ W16 over those inserted."""
     x = torch.ones(1, 1, 4, 4)
     [curves] = score_maps(
-        hand_handle(), x, [MAP], [0], [0], kinds=("deletion", "insertion"), steps=4, substitute="black", batch_size=3
+        hand_handle(),
+        x,
+        [MAP],
+        [0],
+        [0],
+        kinds=("deletion", "insertion"),
+        steps=4,
+        substitute="black",
+        batch_size=3,
     )
     deletion = [sigmoid(s) for s in (12.0, 9.6, 7.3, 3.6, 0.0)]  # 0.1 × (120 − 0, −24, −47, −84, −120)
     insertion = [sigmoid(s) for s in (0.0, 2.4, 4.7, 8.4, 12.0)]
@@ -110,12 +118,12 @@ def reference_curves(
     model: nn.Module, x: Tensor, m: Tensor, target: int, steps: int, lo: Tensor
 ) -> dict[str, list[float]]:
     """One forward pass per stage, written from the contract's words with NumPy's sort."""
-    c, h, w = x.shape
+    _c, h, w = x.shape
     order = np.argsort(-m.numpy().ravel(), kind="stable")
     blurred = TF.gaussian_blur(x, kernel_size=[11, 11], sigma=[5.0, 5.0])
     out: dict[str, list[float]] = {"deletion": [], "insertion": []}
     for k in range(steps + 1):
-        n = int(round(k * h * w / steps))
+        n = round(k * h * w / steps)
         chosen = np.zeros(h * w, dtype=bool)
         chosen[order[:n]] = True
         mask = torch.from_numpy(chosen).view(1, h, w)
@@ -151,7 +159,15 @@ def test_curves_match_a_per_stage_reference_loop() -> None:
     target = int(expl.targets[0, 0])
     m = expl.maps[0, 0]
     [ours] = score_maps(
-        handle, x, [m], [0], [target], kinds=("deletion", "insertion"), steps=13, substitute="blur", batch_size=8
+        handle,
+        x,
+        [m],
+        [0],
+        [target],
+        kinds=("deletion", "insertion"),
+        steps=13,
+        substitute="blur",
+        batch_size=8,
     )
     lo, _ = handle.pixel_bounds(3)
     ref = reference_curves(model, x[0], m, target, 13, lo)
@@ -175,7 +191,9 @@ class Quadrant(nn.Module):
         self.features = nn.Sequential(nn.Conv2d(3, 2, 1), nn.ReLU())
         self.head = nn.Linear(2, 2)
         with torch.no_grad():
-            self.features[0].weight.copy_(torch.tensor([[1.0, 1.0, 1.0], [-1.0, -1.0, -1.0]]).view(2, 3, 1, 1))
+            self.features[0].weight.copy_(
+                torch.tensor([[1.0, 1.0, 1.0], [-1.0, -1.0, -1.0]]).view(2, 3, 1, 1)
+            )
             self.features[0].bias.zero_()
             self.head.weight.copy_(torch.tensor([[4.0, -4.0], [0.0, 0.0]]))
             self.head.bias.copy_(torch.tensor([-1.0, 0.0]))
@@ -210,7 +228,9 @@ def test_quadrant_model_maps_beat_the_random_map_and_point_at_it(method: str) ->
     handle = ModelHandle(model, name="quadrant", target_layer="features", input_size=(3, 64, 64))
     x = bright_image(64)
     expl = explain(handle, x, method, ExplainParams(seed=0, steps=16), targets=Targets.given([[0]]))
-    params = EvaluateParams(metrics="deletion,insertion,pointing", curve_steps=16, substitute="black", box="0,0,32,32")
+    params = EvaluateParams(
+        metrics="deletion,insertion,pointing", curve_steps=16, substitute="black", box="0,0,32,32"
+    )
     ev = evaluate(handle, x, [expl], params, seed=7, batch_size=16)
     [r] = ev.results
     rand = ev.random_aucs
@@ -262,7 +282,10 @@ def deeper_cnn() -> nn.Module:
 
 def hooks_of(model: nn.Module) -> int:
     return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) + len(m._backward_pre_hooks)
+        len(m._forward_hooks)
+        + len(m._forward_pre_hooks)
+        + len(m._backward_hooks)
+        + len(m._backward_pre_hooks)
         for m in model.modules()
     )
 
@@ -301,7 +324,7 @@ def test_blocks_expand_sequences_and_descend_wrappers() -> None:
     names = [n for n, _ in blocks(net)]
     assert names[:3] == ["conv1", "bn1", "layer1.0"] and names[-2:] == ["layer4.1", "fc"]
     wrapped = nn.Sequential(net)
-    assert [n for n, _ in blocks(nn.ModuleDict({"net": wrapped}))][0] == "net.0.conv1"
+    assert next(n for n, _ in blocks(nn.ModuleDict({"net": wrapped}))) == "net.0.conv1"
 
 
 def test_spearman_matches_scipy() -> None:
