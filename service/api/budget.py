@@ -21,9 +21,11 @@ from dataclasses import dataclass
 
 from service.config import Settings
 from service.errors import ResponseTooLarge
+from service.evaluation import EvaluateParams
 from service.imaging.geometry import Geometry
 from service.imaging.grid import tile_size
 from service.imaging.options import RenderParams
+from service.imaging.plot import MAX_PNG_BYTES
 
 JSON_BYTES_PER_VALUE = 10
 NPY_BYTES_PER_VALUE = 4
@@ -126,3 +128,31 @@ def check(settings: Settings, a: Answer) -> int:
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n} bytes"
+
+
+def evaluation_bytes(fmt: str, methods: int, params: EvaluateParams, blocks: int) -> int:
+    """An evaluate answer: the plot's bounded PNG, or JSON holding per method its AUCs, curves
+    (``steps + 1`` values each), pointing and sanity (a layer name and a correlation a block)."""
+    if fmt == "png":
+        return MAX_PNG_BYTES
+    curves = len(params.curves) * (params.curve_steps + 1) * JSON_BYTES_PER_VALUE
+    sanity = blocks * (SANITY_NAME_BYTES + JSON_BYTES_PER_VALUE) if "sanity" in params.metric_list else 0
+    return methods * (curves + sanity + ENTRY_BYTES) + ENTRY_BYTES
+
+
+#: a sanity entry's layer name (dotted module names are short; longer ones are cut by no one,
+#: so this is an estimate, as the JSON figures are)
+SANITY_NAME_BYTES = 64
+
+
+def check_bytes(settings: Settings, size: int, what: str) -> int:
+    """``ResponseTooLarge`` (422) when ``size`` passes ``max_response_bytes``; else ``size``."""
+    limit = settings.max_response_bytes
+    if size > limit:
+        raise ResponseTooLarge(
+            f"the response would be about {_mb(size)} ({what}); the limit is {_mb(limit)}: "
+            "fewer methods or curve_steps, or a job",
+            estimate=size,
+            limit=limit,
+        )
+    return size

@@ -17,12 +17,23 @@ from pydantic import BaseModel
 from service.api.options import RequestOptions, field_order
 from service.api.responses import resolved_parameters
 from service.api.schemas import Problem
+from service.evaluation import EvaluateParams
 from service.explainers import ExplainParams, Targets, get_method
 from service.imaging.options import RenderParams
 
 # the order of a route's fields in its schemas: the route's own, the targets, then the engine's and
 # the rendering parameters in declaration order
-ORDER = ("model", "method", "methods", "target", "top_k", *field_order(ExplainParams, RenderParams))
+ORDER = (
+    "model",
+    "task",
+    "method",
+    "methods",
+    "target",
+    "top_k",
+    *field_order(EvaluateParams),
+    "score",
+    *field_order(ExplainParams, RenderParams),
+)
 
 # a valid 16×16 PNG (a colour ramp): the JSON example Swagger UI pre-fills
 TINY_PNG_BASE64 = "iVBORw0KGgoAAAANSUhEUgAAABAAAAAQCAIAAACQkWg2AAAAHElEQVR42mNkYGAQIAWxMDAIMJACRjWMahg6GgCWfAIezUhyVgAAAABJRU5ErkJggg=="
@@ -191,6 +202,39 @@ def compare_responses() -> dict[int | str, dict[str, Any]]:
                     }
                 },
             },
+        },
+        **problem_responses(404, 406, 413, 415, 422, 503, 504),
+    }
+
+
+EVALUATE_EXAMPLE: dict[str, Any] = {
+    "model": "efficientnet_lite0",
+    "target": {"index": 285, "label": "Egyptian cat", "score": 0.79},
+    "parameters": {"methods": ["gradcam"], **EvaluateParams(curve_steps=4).requested(), "seed": 1234},
+    "elapsed_ms": 412.0,
+    "results": [
+        {
+            "method": "gradcam",
+            "deletion_auc": 0.118,
+            "insertion_auc": 0.612,
+            "random": {"deletion_auc": 0.402, "insertion_auc": 0.311},
+            "curves": {
+                "deletion": [0.79, 0.21, 0.05, 0.02, 0.01],
+                "insertion": [0.02, 0.45, 0.71, 0.77, 0.79],
+            },
+        }
+    ],
+}
+
+
+def evaluate_responses() -> dict[int | str, dict[str, Any]]:
+    from service.api.schemas import EvaluateResponse
+
+    return {
+        200: {
+            "description": "the scores (JSON), or a plot of the curves (format=png)",
+            "model": EvaluateResponse,
+            "content": {"application/json": {"example": EVALUATE_EXAMPLE}, "image/png": PNG_DOC},
         },
         **problem_responses(404, 406, 413, 415, 422, 503, 504),
     }

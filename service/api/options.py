@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import Query
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, field_validator
 
 from service.config import Settings
 from service.errors import InvalidParameter
+from service.evaluation import EvaluateParams
 from service.explainers import ExplainParams, Targets, get_method, method_names
 from service.imaging.options import RenderParams
 from service.knobs import Knob, request_knobs
@@ -126,6 +127,11 @@ class ExplainOptions(TargetOptions):
     method: str = Field(
         "gradcam", description="attribution method", json_schema_extra=lambda s: _enum(s, method_names())
     )
+    score: bool = Field(
+        False,
+        description="JSON only: add deletion_auc and insertion_auc (the evaluate route's defaults: "
+        "50 curve steps, blur substitute) to each explanation; costs 2 × 51 forward passes a map",
+    )
 
     @field_validator("method")
     @classmethod
@@ -157,12 +163,7 @@ class CompareOptions(TargetOptions):
     @field_validator("methods")
     @classmethod
     def _known_methods(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        names = [n.strip() for n in value.split(",") if n.strip()]
-        if not names:
-            raise ValueError("give at least one method name")
-        return ",".join(dict.fromkeys(get_method(n).name for n in names))
+        return None if value is None else known_methods(value)
 
     def method_list(self, available: Sequence[str]) -> list[str]:
         """The requested methods, or the default set restricted to what the model supports."""
@@ -171,10 +172,69 @@ class CompareOptions(TargetOptions):
         return [m for m in DEFAULT_COMPARE if m in available] or list(available)[:1]
 
 
-class JobOptions(ExplainOptions):
-    """Parameters of ``POST /v1/jobs``: the model and the explain parameters."""
+def known_methods(value: str) -> str:
+    """Comma-separated method names, each known (``UnknownMethod``, 422, lists them), deduplicated."""
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if not names:
+        raise ValueError("give at least one method name")
+    return ",".join(dict.fromkeys(get_method(n).name for n in names))
+
+
+if TYPE_CHECKING:
+    _EvaluateFields = TargetOptions
+else:
+    _EvaluateFields = create_model(
+        "_EvaluateFields", __base__=TargetOptions, **request_fields(EvaluateParams)
+    )
+
+
+def evaluate_params(options: RequestOptions) -> EvaluateParams:
+    """The evaluation's parameters among a request's options (``InvalidParameter`` names the field)."""
+    return EvaluateParams(**options.model_dump(include=set(field_order(EvaluateParams))))
+
+
+class EvaluateOptions(_EvaluateFields):
+    """Parameters of ``POST /v1/models/{model}/evaluate``: the methods, the evaluation's
+    parameters (``EvaluateParams``), the targets and the engine's parameters."""
+
+    methods: str = Field("gradcam", description="comma-separated method names to evaluate")
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, value: str) -> str:
+        return known_methods(value)
+
+    def method_list(self) -> list[str]:
+        return self.methods.split(",")
+
+
+if TYPE_CHECKING:
+    _JobFields = ExplainOptions
+else:
+    _JobFields = create_model("_JobFields", __base__=ExplainOptions, **request_fields(EvaluateParams))
+
+
+class JobOptions(_JobFields):
+    """Parameters of ``POST /v1/jobs``: the model, the task, the explain parameters and, for
+    ``task=evaluate``, the evaluation's."""
 
     model: str = Field(description="the model's name (see GET /v1/models)")
+    task: Literal["explain", "evaluate"] = Field(
+        "explain",
+        description="explain: the maps; evaluate: per-image deletion/insertion (and sanity) scores "
+        "of `methods`, with each method's mean and standard deviation",
+    )
+    methods: str | None = Field(
+        None, description="task=evaluate: comma-separated method names; unset: `method`"
+    )
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, value: str | None) -> str | None:
+        return None if value is None else known_methods(value)
+
+    def method_list(self) -> list[str]:
+        return self.methods.split(",") if self.methods else [self.method]
 
 
 def _enum(schema: dict[str, Any], values: Sequence[str]) -> None:

@@ -10,6 +10,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import torch
@@ -21,6 +22,8 @@ from service.api.deps import Services
 from service.api.options import TargetOptions
 from service.config import Settings
 from service.errors import DeadlineExceeded, MethodNotApplicable, TooHeavy
+from service.evaluation import EvaluateParams, sanity_blocks
+from service.evaluation import cost as evaluation_cost
 from service.explainers import ExplainParams, Explanation, Targets, get_method
 from service.explainers.engine import resolve_params
 from service.imaging.decode import decode_upload
@@ -101,14 +104,24 @@ def check_cost(
     params: ExplainParams,
     images: int,
     targets: Targets,
+    evaluation: EvaluateParams | None = None,
+    *,
+    baseline: bool = True,
 ) -> None:
     """Each method's parameters resolved on the model (an unusable layer is refused now, before any
     work), then ``TooHeavy`` when images × targets × Σ passes exceeds the synchronous budget.
+    With ``evaluation``, its passes count too (``service.evaluation.cost``: curves, the random
+    map's when ``baseline``, the sanity check's explanations).
     Blocking (the first call may measure the model's layers): run it off the event loop."""
-    passes = 0
+    costs = []
     for name in methods:
         m = get_method(name)
-        passes += m.cost(resolve_params(m, model.handle, params), model.handle)
+        costs.append(m.cost(resolve_params(m, model.handle, params), model.handle))
+    if evaluation is None:
+        passes = sum(costs)
+    else:
+        blocks = sanity_blocks(model.handle) if "sanity" in evaluation.metric_list else 0
+        passes = evaluation_cost(evaluation, costs, blocks, baseline=baseline)
     passes *= images * targets.per_image
     if passes > settings.max_sync_passes:
         raise TooHeavy(
@@ -129,14 +142,31 @@ class Plan:
 
 
 async def plan(
-    services: Services, model: LoadedModel, options: TargetOptions, methods: list[str], images: int
+    services: Services,
+    model: LoadedModel,
+    options: TargetOptions,
+    methods: list[str],
+    images: int,
+    evaluation: EvaluateParams | None = None,
+    *,
+    baseline: bool = True,
 ) -> Plan:
     """Everything a request can be refused for before its images are even decoded: methods that
-    do not apply, targets out of range, an unusable layer, the synchronous budget."""
+    do not apply, targets out of range, an unusable layer, the synchronous budget (with the
+    passes of an ``evaluation``, see ``check_cost``)."""
     params = options.engine_params(services.settings)
     check_methods(model, methods, await available_methods(model))
     targets = options.targets(images, model.num_classes)
-    await run_in_threadpool(check_cost, services.settings, model, methods, params, images, targets)
+    await run_in_threadpool(
+        partial(check_cost, baseline=baseline),
+        services.settings,
+        model,
+        methods,
+        params,
+        images,
+        targets,
+        evaluation,
+    )
     return Plan(params, targets, methods)
 
 

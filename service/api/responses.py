@@ -189,14 +189,19 @@ def explain_entries(
     render: RenderParams,
     *,
     image_indices: bool = False,
+    extras: Sequence[Sequence[dict[str, Any]]] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """The ``explanations`` entries, one at a time: every image (upload order) × target.
-    ``image_indices`` adds each entry's ``image_index`` (job results)."""
+    ``image_indices`` adds each entry's ``image_index`` (job results); ``extras[i][k]`` more keys
+    of an entry (``score=true``: its AUCs)."""
     for i in range(expl.maps.shape[0]):
         for k in range(expl.maps.shape[1]):
-            yield explanation_item(
+            item = explanation_item(
                 model, expl, i, k, geometries[i], render, image_index=i if image_indices else None
             )
+            if extras is not None:
+                item.update(extras[i][k])
+            yield item
 
 
 def explain_body(
@@ -209,10 +214,11 @@ def explain_body(
     fmt: str,
     elapsed_ms: float,
     image_indices: bool = False,
+    extras: Sequence[Sequence[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """The explain JSON, whole: the head and every entry."""
     head = explain_head(model, expl, targets, render, fmt=fmt, elapsed_ms=elapsed_ms)
-    entries = explain_entries(model, expl, geometries, render, image_indices=image_indices)
+    entries = explain_entries(model, expl, geometries, render, image_indices=image_indices, extras=extras)
     return {**head, "explanations": list(entries)}
 
 
@@ -334,6 +340,7 @@ def render_explanation(
     index: int = 0,
     image_indices: bool = False,
     stream: bool = False,
+    extras: Sequence[Sequence[dict[str, Any]]] | None = None,
 ) -> Response:
     """The response in ``fmt`` (``png``, ``overlay``, ``json``, ``npy``). PNG, overlay and npy
     show image ``index``; JSON shows every image. ``stream``: JSON and npy are written a map at a
@@ -344,7 +351,9 @@ def render_explanation(
         timing = {"X-Elapsed-Ms": f"{elapsed_ms:.1f}"}
         if stream:
             head = explain_head(model, expl, targets, render, fmt=fmt, elapsed_ms=elapsed_ms)
-            entries = explain_entries(model, expl, geometries, render, image_indices=image_indices)
+            entries = explain_entries(
+                model, expl, geometries, render, image_indices=image_indices, extras=extras
+            )
             return streamed(json_stream(head, "explanations", entries), "application/json", timing)
         body = explain_body(
             model,
@@ -355,6 +364,7 @@ def render_explanation(
             fmt=fmt,
             elapsed_ms=elapsed_ms,
             image_indices=image_indices,
+            extras=extras,
         )
         return json_response(body, timing)
     if not 0 <= index < len(items):

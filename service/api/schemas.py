@@ -66,6 +66,10 @@ class MethodInfo(Schema):
         description="how its maps are shown unless a request says otherwise: the rendering "
         "parameters' defaults for this method, as its paper's figures show them",
     )
+    sanity_check: bool = Field(
+        description="whether the evaluate route's sanity check (cascading model randomisation) "
+        "applies: the map depends on the model's weights"
+    )
 
 
 class MethodList(Schema):
@@ -100,6 +104,8 @@ class ExplanationItem(Schema):
     completeness_delta: float | None = Field(
         description="path methods: sum of attributions − (f(x) − f(baseline))"
     )
+    deletion_auc: float | None = Field(None, description="with score=true: the deletion curve's AUC")
+    insertion_auc: float | None = Field(None, description="with score=true: the insertion curve's AUC")
 
 
 class ExplainResponse(Schema):
@@ -115,6 +121,43 @@ class CompareResponse(Schema):
     methods: list[str]
     elapsed_ms: float
     results: list[ExplainResponse] = Field(description="the explain JSON of each method, in order")
+
+
+class AUCs(Schema):
+    deletion_auc: float | None = None
+    insertion_auc: float | None = None
+
+
+class PointingResult(Schema):
+    hit: bool = Field(description="the map's peak lies in the box grown by 15 px on each side")
+    peak: list[int] = Field(description="[x, y] of the map's maximum in uploaded-image pixels")
+
+
+class SanityResult(Schema):
+    layers: list[str] = Field(description="blocks randomised, from the output back to the input")
+    spearman: list[float] = Field(
+        description="rank correlation of the original map with the map after randomising layers[0..i]"
+    )
+
+
+class EvaluationResult(Schema):
+    method: str
+    deletion_auc: float | None = Field(None, description="lower is better")
+    insertion_auc: float | None = Field(None, description="higher is better")
+    random: AUCs | None = Field(None, description="the same for a seeded random map: the chance level")
+    pointing: PointingResult | None = None
+    sanity: SanityResult | None = None
+    curves: dict[str, list[float]] | None = Field(
+        None, description="the target's probability at stages 0 … curve_steps, per curve"
+    )
+
+
+class EvaluateResponse(Schema):
+    model: str
+    target: Target
+    parameters: dict[str, Any] = Field(description="every parameter as resolved, the seed included")
+    elapsed_ms: float
+    results: list[EvaluationResult]
 
 
 class Problem(Schema):

@@ -237,6 +237,32 @@ class ModelHandle:
             )
         raise ValueError(f"unknown need {need!r}")
 
+    def twin(self, module: nn.Module, name: str) -> ModelHandle:
+        """A handle of ``module``, another instance of this model's architecture (a sanity
+        check's randomised copy): same preprocessing, target layer and input size, the measured
+        layer table shared (the layers' names, layouts and shapes do not depend on the weights),
+        no optimisation (its copies are made once and dropped)."""
+        other = ModelHandle(
+            module=module,
+            mean=self.mean,
+            std=self.std,
+            target_layer=self.target_layer,
+            name=name,
+            optimize=False,
+            input_size=self.input_size,
+            batch_memory_bytes=self.batch_memory_bytes,
+            max_copies=1,
+        )
+        other._layers = self.layers() if supports_hooks(self.module) else None
+        other._pass_bytes = self._pass_bytes
+        return other
+
+    def drop_copies(self) -> None:
+        """Forget the private copies: the next call copies ``module`` as it is now (a sanity
+        check's copy changes between its explanations; a served model never does)."""
+        with self.lock:
+            self._prepared.clear()
+
     def probe_input(self, batch: int = 2) -> Tensor:
         """A seeded random batch at the model's input size, on its device (for measuring the model)."""
         c, h, w = self.input_size or (len(self.mean) if len(self.mean) > 1 else 3, 64, 64)
@@ -416,6 +442,10 @@ class Method(ABC):
     #: how its maps are shown unless a request says otherwise: the rendering parameters' defaults,
     #: as its paper's figures show them (a preset of ``service.explainers.figures``)
     rendering: ClassVar[Figure] = CAM_HEATMAP
+    #: whether the sanity check (Adebayo et al. 2018, cascading randomisation) applies: the map
+    #: is computed from the model's weights, so it should change as they are randomised. A method
+    #: that does not read the weights (an edge detector) declares ``False``: it would fail it.
+    sanity_check: ClassVar[bool] = True
 
     @property
     def needs_layer(self) -> bool:

@@ -33,6 +33,8 @@ from service.api.responses import (
     target_headers,
 )
 from service.errors import InvalidParameter
+from service.evaluation import EvaluateParams
+from service.evaluation.curves import auc
 from service.explainers import Explanation, Targets, get_method
 from service.imaging.grid import Row, compare_grid, keys
 from service.imaging.options import RenderParams
@@ -89,7 +91,12 @@ async def explain(request: Request, model: ModelDep, services: ServicesDep) -> R
     fmt = choose_format(render.format, parsed.accept, EXPLAIN_FORMATS)
     if render.reduction == "none" and fmt in ("png", "overlay"):
         raise InvalidParameter("reduction=none needs format=json or npy", field="reduction")
-    work = await pipeline.plan(services, model, options, [options.method], len(parsed.images))
+    if options.score and fmt != "json":
+        raise InvalidParameter("score=true adds AUCs to the JSON: it needs format=json", field="score")
+    scoring = EvaluateParams() if options.score else None
+    work = await pipeline.plan(
+        services, model, options, [options.method], len(parsed.images), scoring, baseline=False
+    )
     items = await pipeline.prepare_images(settings, model, parsed.images, clock)
     size = budget.check(
         settings,
@@ -102,9 +109,20 @@ async def explain(request: Request, model: ModelDep, services: ServicesDep) -> R
         ),
     )
     [expl] = await pipeline.explain(services, model, items, work, clock)
+    extras = None
+    if scoring is not None:
+        curves = await services.executor.score(
+            model.handle, pipeline.batch(items), expl, scoring, timeout=clock.remaining()
+        )
+        extras = [[{f"{kind}_auc": round(auc(c[kind]), 6) for kind in c} for c in row] for row in curves]
     return await pipeline.within(
         clock,
-        partial(render_explanation, elapsed_ms=clock.elapsed_ms, stream=size > budget.STREAM_BYTES),
+        partial(
+            render_explanation,
+            elapsed_ms=clock.elapsed_ms,
+            stream=size > budget.STREAM_BYTES,
+            extras=extras,
+        ),
         fmt,
         model,
         expl,

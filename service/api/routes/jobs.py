@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse, Response
 from service.api import budget, pipeline
 from service.api.deps import OwnerDep, ServicesDep
 from service.api.openapi import image_request_body
-from service.api.options import JobOptions, render_query
+from service.api.options import JobOptions, evaluate_params, render_query
 from service.api.pipeline import Prepared
 from service.api.problems import STATUS, TYPE_PREFIX
 from service.api.request import choose_format, parse_request
@@ -36,6 +36,7 @@ from service.api.responses import render_explanation
 from service.api.schemas import Problem
 from service.config import Settings
 from service.errors import InvalidParameter, NotReady, SaliencyError
+from service.evaluation import check_methods as check_evaluation
 from service.explainers import Targets, get_method
 from service.imaging.decode import decode_upload
 from service.imaging.geometry import Geometry
@@ -218,6 +219,12 @@ async def submit_job(request: Request, services: ServicesDep, jobs: JobsDep, own
         request, JobOptions, settings, image_field="images", many=True, max_images=settings.job_max_images
     )
     options = parsed.options
+    if options.score:
+        raise InvalidParameter(
+            "score is for the synchronous explain route; submit task=evaluate", field="score"
+        )
+    if options.task == "evaluate":
+        return await _submit_evaluation(options, parsed.images, services, jobs, owner)
     render = options.render()
     shown = render.resolve(get_method(options.method).rendering)  # refuses a bad combination now
     model = services.require_registry().get(options.model)
@@ -238,6 +245,36 @@ async def submit_job(request: Request, services: ServicesDep, jobs: JobsDep, own
     )
     await run_in_threadpool(_check_images, settings, model, parsed.images)
     record = await jobs.submit(spec, result_bytes, parsed.images, owner=owner)
+    return _job_response(record, 202, {"Location": f"/v1/jobs/{record.id}"})
+
+
+async def _submit_evaluation(
+    options: JobOptions, images: list[bytes], services: Any, jobs: JobService, owner: str | None
+) -> Response:
+    """``task=evaluate``: the evaluation's parameters, methods and passes checked, then queued."""
+    settings = services.settings
+    evaluation = evaluate_params(options)
+    if "pointing" in evaluation.metric_list:
+        raise InvalidParameter(
+            "pointing needs a box for each image: use POST /v1/models/{model}/evaluate", field="metrics"
+        )
+    if options.top_k != 1:
+        raise InvalidParameter(
+            "task=evaluate explains one target per image: give target, or top_k=1", field="top_k"
+        )
+    methods = options.method_list()
+    check_evaluation(evaluation, methods)
+    model = services.require_registry().get(options.model)
+    pipeline.check_methods(model, methods, await pipeline.available_methods(model))
+    if options.render().format not in (None, "json"):
+        raise InvalidParameter("an evaluate job's result is JSON", field="format")
+    params = options.engine_params(settings)
+    targets = options.targets(len(images), model.num_classes)
+    spec, result_bytes = await jobs.plan_evaluation(
+        model, methods, params, evaluation, targets, images=len(images)
+    )
+    await run_in_threadpool(_check_images, settings, model, images)
+    record = await jobs.submit(spec, result_bytes, images, owner=owner)
     return _job_response(record, 202, {"Location": f"/v1/jobs/{record.id}"})
 
 
@@ -311,6 +348,12 @@ async def job_result(
         dict[str, Any], Depends(render_query(exclude=frozenset({"format"})))
     ] = _NO_OVERRIDES,
 ) -> Response:
+    if (await jobs.get(job_id, owner=owner)).spec.task == "evaluate":
+        if (format or overrides.get("format")) not in (None, "json"):
+            raise InvalidParameter("an evaluate job's result is JSON", field="format")
+        choose_format(None, request.headers.get("accept"), ("json",))
+        _, data = await jobs.result_bytes(job_id, owner=owner)
+        return Response(data, media_type="application/json")
     record, result = await jobs.result(job_id, owner=owner)
     render = RenderParams.from_values({**record.spec.options, **overrides}).resolve(
         get_method(record.spec.method).rendering

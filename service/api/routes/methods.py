@@ -22,6 +22,7 @@ def list_methods() -> MethodList:
                 paper=m.paper,
                 parameters=m.parameters_schema(),
                 rendering=RenderParams().resolve(m.rendering).defaults(),
+                sanity_check=m.sanity_check,
             )
             for m in all_methods()
         ]

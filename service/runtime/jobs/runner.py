@@ -20,13 +20,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+import orjson
 import torch
 from torch import Tensor
 
 from service.config import Settings
 from service.errors import Cancelled, ResultTooLarge, SaliencyError
-from service.explainers import ExplainParams, Explanation, ModelHandle, explain, get_method
+from service.evaluation import EvaluateParams, evaluate, report
+from service.explainers import ExplainParams, Explanation, ModelHandle, Targets, explain, get_method, predict
 from service.imaging.decode import decode_upload
 from service.imaging.geometry import Geometry
 from service.metrics import Metrics
@@ -127,11 +130,15 @@ class JobRunner:
             if len(images) != spec.images:
                 raise SaliencyError(f"the job's {spec.images} input images are gone from the store")
             x, geometries = self._prepare(loaded, images)
-            explanation = self._explain(lease, handle, x, spec, params)
-            elapsed_ms = (time.perf_counter() - started) * 1000.0
-            blob = encode(
-                JobResult(explanation, geometries, elapsed_ms), keep_attributions=spec.keep_attributions
-            )
+            if spec.task == "evaluate":
+                blob = self._evaluate(lease, loaded, handle, x, spec, params, started)
+                elapsed_ms = (time.perf_counter() - started) * 1000.0
+            else:
+                explanation = self._explain(lease, handle, x, spec, params)
+                elapsed_ms = (time.perf_counter() - started) * 1000.0
+                blob = encode(
+                    JobResult(explanation, geometries, elapsed_ms), keep_attributions=spec.keep_attributions
+                )
             self._check_size(blob)
         except Cancelled:
             log.info("job %s stopped: %s", record.id, "lost its lease" if lease.lost.is_set() else "shutdown")
@@ -239,6 +246,70 @@ class JobRunner:
             )
             done = stop
         return concat(parts)
+
+    def _evaluate(
+        self,
+        lease: _Lease,
+        loaded: LoadedModel,
+        handle: ModelHandle,
+        x: Tensor,
+        spec: JobSpec,
+        params: ExplainParams,
+        started: float,
+    ) -> bytes:
+        """An evaluate job: per image, each method's explanation for the image's one target (the
+        given class, else its top-1), then ``service.evaluation.evaluate`` (without curves in the
+        result: the scores); the JSON of every image and each method's mean and deviation."""
+        evaluation = EvaluateParams(**(spec.evaluate or {}))
+        methods = spec.methods or [spec.method]
+        assert params.seed is not None, "the seed is drawn at submission"
+        gate = self.gate(handle)
+
+        def cancelled() -> bool:
+            return lease.lost.is_set() or self.stopping.is_set()
+
+        images: list[dict[str, Any]] = []
+        n = int(x.shape[0])
+        for i in range(n):
+            if gate is not None:
+                gate.yield_to_foreground(MAX_YIELD_S)
+            if cancelled():
+                raise Cancelled("the job was cancelled")
+            xi = x[i : i + 1]
+            target = spec.targets[0] if spec.targets else int(predict(handle, xi).argmax(dim=1)[0])
+            given = Targets.given([[target]])
+            explanations = [explain(handle, xi, m, params, targets=given, cancel=cancelled) for m in methods]
+            ev = evaluate(
+                handle,
+                xi,
+                explanations,
+                evaluation,
+                seed=params.seed,
+                batch_size=params.batch_size,
+                cancel=cancelled,
+            )
+            images.append(
+                {
+                    "image_index": i,
+                    "target": {
+                        "index": ev.target,
+                        "label": loaded.label(ev.target),
+                        "score": round(ev.score, 6),
+                    },
+                    "results": report.results(ev, evaluation, curves=False),
+                }
+            )
+            self._report(lease, (i + 1) / n)
+        body = {
+            "model": spec.model,
+            "task": "evaluate",
+            "methods": methods,
+            "parameters": {**evaluation.requested(), **params.requested()},
+            "elapsed_ms": round((time.perf_counter() - started) * 1000.0, 1),
+            "images": images,
+            "summary": report.summary(images, methods),
+        }
+        return orjson.dumps(body)
 
     def _report(self, lease: _Lease, value: float | None) -> None:
         try:

@@ -27,12 +27,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from service.config import Settings
 from service.errors import InvalidParameter, JobNotFinished, Overloaded, TooHeavy
+from service.evaluation import EvaluateParams, sanity_blocks
+from service.evaluation import cost as evaluation_cost
 from service.explainers import ExplainParams, Targets, get_method
 from service.explainers.engine import resolve_params
 from service.metrics import Metrics
@@ -54,6 +58,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: an evaluate job's result per image and method: target, AUCs, random AUCs, pointing, sanity
+EVALUATION_ENTRY_BYTES = 2048
 RETRY_AFTER_QUEUED_S = 2
 RETRY_AFTER_RUNNING_S = 1
 
@@ -199,6 +205,52 @@ class JobService:
 
         return await asyncio.to_thread(plan)
 
+    async def plan_evaluation(
+        self,
+        model: LoadedModel,
+        methods: list[str],
+        params: ExplainParams,
+        evaluation: EvaluateParams,
+        targets: Targets,
+        *,
+        images: int,
+    ) -> tuple[JobSpec, int]:
+        """``plan`` for ``task=evaluate``: every method resolved on the model (an unusable layer
+        refused now), the seed fixed, the passes of the explanations, curves and sanity checks
+        of every image against ``job_max_passes``; the result is small JSON."""
+        if images > self.settings.job_max_images:
+            raise InvalidParameter(
+                f"a job takes at most {self.settings.job_max_images} images (got {images})",
+                field="images",
+            )
+
+        def plan() -> tuple[JobSpec, int]:
+            seeded = params if params.seed is not None else params.with_(seed=secrets.randbits(62))
+            spec = make_spec(model, methods[0], seeded, targets, images=images)
+            costs = [
+                get_method(m).cost(resolve_params(get_method(m), model.handle, seeded), model.handle)
+                for m in methods
+            ]
+            blocks = sanity_blocks(model.handle) if "sanity" in evaluation.metric_list else 0
+            passes = images * evaluation_cost(evaluation, costs, blocks)
+            if passes > self.settings.job_max_passes:
+                raise TooHeavy(
+                    f"this job needs {passes} forward/backward passes; a job may take at most "
+                    f"{self.settings.job_max_passes}: fewer images, methods or curve_steps",
+                    field="images",
+                )
+            size = images * len(methods) * EVALUATION_ENTRY_BYTES + 4096
+            spec = replace(
+                spec,
+                params=seeded.as_dict(),
+                task="evaluate",
+                methods=list(methods),
+                evaluate=evaluation.as_dict(),
+            )
+            return spec, size
+
+        return await asyncio.to_thread(plan)
+
     async def submit(
         self, spec: JobSpec, result_bytes: int, images: list[bytes], *, owner: str | None
     ) -> JobRecord:
@@ -230,6 +282,13 @@ class JobService:
             raise JobNotFinished(_not_ready(record))
         data = await self._io(self.store.result, job_id, owner=owner)
         return record, await asyncio.to_thread(decode, data)
+
+    async def result_bytes(self, job_id: str, *, owner: str | None) -> tuple[JobRecord, bytes]:
+        """The job and its stored result as it is (an evaluate job's JSON); 409 before success."""
+        record = await self.get(job_id, owner=owner)
+        if record.status != "succeeded":
+            raise JobNotFinished(_not_ready(record))
+        return record, await self._io(self.store.result, job_id, owner=owner)
 
     async def image(self, job_id: str, index: int, *, owner: str | None) -> bytes:
         """The bytes of the job's image ``index`` as uploaded (for overlays; kept only by jobs

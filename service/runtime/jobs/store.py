@@ -102,6 +102,9 @@ class JobSpec:
     keep_attributions: bool = False  # store the per-channel attributions too (reduction=none)
     keep_inputs: bool = False  # keep the uploads after success, to draw overlays (format=overlay)
     options: dict[str, Any] = field(default_factory=dict)  # the rendering parameters given at submission
+    task: str = "explain"  # or "evaluate": per-image scores of ``methods`` (EvaluateParams in ``evaluate``)
+    methods: list[str] | None = None  # task=evaluate: the methods evaluated (``method`` is the first)
+    evaluate: dict[str, Any] | None = None  # task=evaluate: EvaluateParams.as_dict()
 
     def explain_params(self) -> ExplainParams:
         return ExplainParams(**self.params)

@@ -13,17 +13,22 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
 from service.config import Settings
 from service.errors import DeadlineExceeded, Overloaded
+from service.evaluation import EvaluateParams, Evaluation, evaluate, score_maps
 from service.explainers import ExplainParams, Explanation, ModelHandle, Targets, predict
+from service.imaging.geometry import Geometry
 from service.metrics import Metrics
 from service.runtime.sync.batcher import CallRequest, make_request
 from service.runtime.sync.devices import DeviceWorker, PriorityGate, Request
+
+T = TypeVar("T")
 
 
 class Executor:
@@ -98,6 +103,75 @@ class Executor:
         request = CallRequest(fn=lambda _c: predict(handle, x))
         result: Tensor = await self._submit(handle, request, timeout)
         return result
+
+    async def call(
+        self, handle: ModelHandle, fn: Callable[[Callable[[], bool]], T], *, timeout: float | None = None
+    ) -> T:
+        """Any other model work on the handle's device lane (never batched): ``fn`` gets the
+        request's cancellation check, which turns true once its deadline passed."""
+        result: T = await self._submit(handle, CallRequest(fn=fn), timeout)
+        return result
+
+    async def evaluate(
+        self,
+        handle: ModelHandle,
+        x: Tensor,
+        explanations: Sequence[Explanation],
+        params: EvaluateParams,
+        *,
+        seed: int,
+        batch_size: int,
+        geometry: Geometry | None = None,
+        timeout: float | None = None,
+    ) -> Evaluation:
+        """``service.evaluation.evaluate`` of one image's explanations on the device lane."""
+        return await self.call(
+            handle,
+            lambda cancelled: evaluate(
+                handle,
+                x,
+                explanations,
+                params,
+                seed=seed,
+                batch_size=batch_size,
+                geometry=geometry,
+                cancel=cancelled,
+            ),
+            timeout=timeout,
+        )
+
+    async def score(
+        self,
+        handle: ModelHandle,
+        x: Tensor,
+        expl: Explanation,
+        params: EvaluateParams,
+        *,
+        timeout: float | None = None,
+    ) -> list[list[dict[str, list[float]]]]:
+        """The curves of every (image, target) map of ``expl`` over ``x``, as (N, K) dicts by kind."""
+        n, k = int(expl.maps.shape[0]), int(expl.maps.shape[1])
+        maps = [expl.maps[i, j] for i in range(n) for j in range(k)]
+        images = [i for i in range(n) for _ in range(k)]
+        targets = [int(t) for t in expl.targets.reshape(-1)]
+
+        def run(cancelled: Callable[[], bool]) -> list[dict[str, list[float]]]:
+            return score_maps(
+                handle,
+                x,
+                maps,
+                images,
+                targets,
+                kinds=params.curves,
+                steps=params.curve_steps,
+                substitute=params.substitute,
+                batch_size=expl.params.batch_size,
+                keep=expl.params.layer,
+                cancel=cancelled,
+            )
+
+        flat = await self.call(handle, run, timeout=timeout)
+        return [flat[i * k : (i + 1) * k] for i in range(n)]
 
     async def _submit(self, handle: ModelHandle, request: Request, timeout: float | None) -> Any:
         self._reserve(handle)
