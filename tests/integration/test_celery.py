@@ -19,7 +19,6 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from helpers import redis_server
 from jobs_helpers import (
     drop_namespace,
     png,
@@ -43,12 +42,6 @@ pytestmark = pytest.mark.slow
 LEASE_S = 3.0
 # long enough to be killed mid-way on a busy CPU: 4 images × (512 + 2) passes, 8 per chunk
 LONG = {"method": "integrated_gradients", "steps": "512", "batch_size": "8"}
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    with redis_server() as url:
-        yield url
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from helpers import redis_server
 from jobs_helpers import (
     RedisServer,
     drop_namespace,
@@ -43,12 +42,6 @@ pytestmark = pytest.mark.slow
 
 LEASE_S = 2.0
 WAIT_S = 50.0
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    with redis_server() as url:
-        yield url
 
 
 @pytest.fixture(scope="module")
