@@ -3,6 +3,9 @@
 SmoothGrad (Smilkov et al. 2017, https://arxiv.org/abs/1706.03825) is ``NoiseTunnel`` around
 ``saliency``; Smooth IG is the same wrapper around ``integrated_gradients`` (like Captum's
 ``NoiseTunnel``: composed, not forked). The inner method's code runs unchanged on the noisy copies.
+VarGrad and SmoothGrad² take another statistic of the copies' gradients (``aggregate``: the
+variance, the mean of squares); GradientSHAP changes the one per-copy step (``explain_copies``: the
+gradient at a random point between the baseline and the copy, times their difference).
 
 Noise, as in the paper: the s-th copy of image i is x_i + σ_i ε_s with ε_s ~ N(0, I) and
 σ_i = ``noise_level`` × (max(x_i) − min(x_i)), the range taken over the image's normalised values.
