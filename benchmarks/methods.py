@@ -53,6 +53,12 @@ TARGETS: dict[tuple[str, str], float] = {
     ("gradcam", "captum"): 1.0,
     ("gradcam", "grad-cam"): 1 / 2.5,
     ("guided_backprop", "captum"): 1.0,
+    # issue 13: each new method ≤ 0.8 × its reference; RISE ≤ 1.1 × its bare forward passes
+    ("occlusion", "captum"): 0.8,
+    ("vargrad", "captum"): 0.8,
+    ("smoothgrad_sq", "captum"): 0.8,
+    ("gradient_shap", "captum"): 0.8,
+    ("rise", "floor"): 1.1,
 }
 
 GRAD_CAM_CLASSES = {
@@ -81,6 +87,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, help="passes run at once, ours and references (default 32)")
     p.add_argument("--steps", type=int, default=32, help="IG steps (default 32)")
     p.add_argument("--samples", type=int, default=16, help="SmoothGrad samples (default 16)")
+    p.add_argument("--masks", type=int, default=4000, help="RISE masks (default 4000, the paper's)")
+    p.add_argument("--window", type=int, default=16, help="occlusion window (default 16)")
+    p.add_argument("--stride", type=int, default=8, help="occlusion stride (default 8)")
     p.add_argument("--rule", default="gausslegendre", help="IG rule, same for Captum (default gausslegendre)")
     p.add_argument("--device", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", help="fp32, bf16 (CUDA autocast) or a comma list (default fp32)")
@@ -152,15 +161,44 @@ def passes_per_image(method: str, args: argparse.Namespace) -> int:
     """Forward + input-gradient passes per image that the floor runs for ``method``."""
     if method == "integrated_gradients":
         return int(args.steps)
-    if method == "smoothgrad":
+    if method in ("smoothgrad", "vargrad", "smoothgrad_sq", "gradient_shap"):
         return int(args.samples)
     if method == "smooth_ig":
         return int(args.steps * args.samples)
     if method == "guided_gradcam":
         return 2
-    if method in ("scorecam", "eigencam", "cam", "attention_rollout"):
-        return 0  # forward passes only; no comparable floor
+    if method in ("scorecam", "eigencam", "cam", "attention_rollout", *FORWARD_ONLY):
+        return 0  # forward passes only; no comparable floor (perturbation: see forward_passes)
     return 1
+
+
+#: black-box methods: their floor is forward passes alone
+FORWARD_ONLY = ("occlusion", "rise")
+
+
+def forward_passes(method: str, args: argparse.Namespace) -> int:
+    """Forward passes per image of a black-box method (its floor): the perturbed copies + 1."""
+    if method == "rise":
+        return int(args.masks) + 1
+    if method == "occlusion":
+        per_side = (int(args.size) - int(args.window)) // int(args.stride) + 1
+        return per_side * per_side + 1
+    return 0
+
+
+def forward_floor(s: Setup, model: nn.Module, passes: int) -> Callable[[], None]:
+    """``passes`` forward passes through ``model`` without gradients, ``batch_size`` at a time."""
+    bs = int(s.args.batch_size)
+    pool = torch.randn(min(bs, passes), *s.x.shape[1:], generator=torch.Generator().manual_seed(1)).to(
+        s.device
+    )
+
+    def run() -> None:
+        with torch.no_grad(), s.amp():
+            for start in range(0, passes, bs):
+                model(pool[: min(bs, passes - start)])
+
+    return run
 
 
 def floor(s: Setup, model: nn.Module, passes: int) -> Callable[[], None]:
@@ -210,6 +248,21 @@ def captum_reference(s: Setup, method: str) -> Callable[[], None] | None:
         "smooth_ig": lambda: ca.NoiseTunnel(ca.IntegratedGradients(model)).attribute(
             x, nt_type="smoothgrad", nt_samples=a.samples, nt_samples_batch_size=1, stdevs=sigma,
             baselines=baseline, target=t, n_steps=a.steps, method=a.rule, internal_batch_size=bs,
+        ),
+        "vargrad": lambda: ca.NoiseTunnel(ca.Saliency(model)).attribute(
+            x, nt_type="vargrad", nt_samples=a.samples, nt_samples_batch_size=per_batch,
+            stdevs=sigma, target=t, abs=False,
+        ),
+        "smoothgrad_sq": lambda: ca.NoiseTunnel(ca.Saliency(model)).attribute(
+            x, nt_type="smoothgrad_sq", nt_samples=a.samples, nt_samples_batch_size=per_batch,
+            stdevs=sigma, target=t, abs=False,
+        ),
+        "gradient_shap": lambda: ca.GradientShap(model).attribute(
+            x, baselines=baseline, n_samples=a.samples, stdevs=sigma, target=t,
+        ),
+        "occlusion": lambda: ca.Occlusion(model).attribute(
+            x, sliding_window_shapes=(x.shape[1], a.window, a.window), strides=(x.shape[1], a.stride, a.stride),
+            baselines=baseline, target=t, perturbations_per_eval=per_batch,
         ),
         "saliency": lambda: ca.Saliency(model).attribute(x, target=t, abs=True),
         "input_x_gradient": lambda: ca.InputXGradient(model).attribute(x, target=t),
@@ -273,6 +326,9 @@ def make_setup(args: argparse.Namespace, dtype: str, model: nn.Module) -> Setup:
         steps=args.steps,
         samples=args.samples,
         rule=args.rule,
+        masks=args.masks,
+        window=args.window,
+        stride=args.stride,
         seed=0,
         batch_size=args.batch_size,
         autocast=DTYPES[dtype] is not None,
@@ -299,6 +355,11 @@ def bench_method(s: Setup, method: str) -> Row:
         contenders["floor"] = floor(s, s.handle.prepared(None), passes)
         if not s.args.no_eager_floor:
             contenders["floor-eager"] = floor(s, s.eager, passes)
+    forwards = forward_passes(method, s.args) * s.x.shape[0]
+    if forwards:
+        contenders["floor"] = forward_floor(s, s.handle.prepared(None), forwards)
+        if not s.args.no_eager_floor:
+            contenders["floor-eager"] = forward_floor(s, s.eager, forwards)
     times = interleaved(contenders, s.device, int(s.args.repeats))
     stat = min if s.args.stat == "min" else median
     return Row(method, s.dtype, {k: stat(v) for k, v in times.items()})
@@ -320,6 +381,7 @@ def describe(s: Setup) -> str:
     return (
         f"model {s.args.model} (random init, {s.args.classes} classes), input {s.args.images}×3×{s.args.size}²,"
         f" batch_size {s.args.batch_size}, steps {s.args.steps}, samples {s.args.samples}, rule {s.args.rule},"
+        f" masks {s.args.masks}, window {s.args.window}, stride {s.args.stride},"
         f" target layer {s.layer}\n"
         f"device {dev}; torch {torch.__version__}; prepared copy: {folded}/{bns} BatchNorms folded,"
         f" channels_last={cl}; malloc {s.args.malloc};"

@@ -11,6 +11,7 @@ from service.explainers import (  # importing a method module registers its meth
     gradient,  # noqa: F401
     noise,  # noqa: F401
     path,  # noqa: F401
+    perturbation,  # noqa: F401
     scorecam,  # noqa: F401
 )
 from service.explainers.base import (

@@ -3,6 +3,9 @@
 SmoothGrad (Smilkov et al. 2017, https://arxiv.org/abs/1706.03825) is ``NoiseTunnel`` around
 ``saliency``; Smooth IG is the same wrapper around ``integrated_gradients`` (like Captum's
 ``NoiseTunnel``: composed, not forked). The inner method's code runs unchanged on the noisy copies.
+VarGrad and SmoothGrad² take another statistic of the copies' gradients (``aggregate``: the
+variance, the mean of squares); GradientSHAP changes the one per-copy step (``explain_copies``: the
+gradient at a random point between the baseline and the copy, times their difference).
 
 Noise, as in the paper: the s-th copy of image i is x_i + σ_i ε_s with ε_s ~ N(0, I) and
 σ_i = ``noise_level`` × (max(x_i) − min(x_i)), the range taken over the image's normalised values.
@@ -32,10 +35,10 @@ import torch
 from torch import Tensor
 
 from service.explainers.base import Attribution, Method, ModelHandle, RunContext, register
-from service.explainers.figures import GRADIENT_MAGNITUDE
-from service.explainers.gradient import PixelMethod, Saliency
+from service.explainers.figures import GRADIENT_MAGNITUDE, SIGNED_ATTRIBUTION
+from service.explainers.gradient import EMPTY, InputGradientMethod, InputXGradient, PixelMethod, Saliency
 from service.explainers.params import ExplainParams
-from service.explainers.path import IntegratedGradients
+from service.explainers.path import IntegratedGradients, make_baseline
 
 NOISE_USES = frozenset({"samples", "noise_level", "seed"})
 
@@ -105,8 +108,9 @@ def draw_samples(first: int, count: int, shape: tuple[int, ...], seed: int, devi
 
 def noisy_chunks(
     x: Tensor, noise_level: float, samples: int, seed: int, chunk: int
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """(noisy copies, their image indices) in chunks of ``chunk``, sample-major over all images."""
+) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """(noisy copies, their image indices on x's device, their sample indices on the CPU) in
+    chunks of ``chunk``, sample-major over all images."""
     m = x.shape[0]
     sigma = noise_sigma(x, noise_level).view(-1, 1, 1, 1)
     for start in range(0, m * samples, chunk):
@@ -115,10 +119,10 @@ def noisy_chunks(
         first, last = int(s[0]), int(s[-1])
         eps = draw_samples(first, last - first + 1, tuple(x.shape[1:]), seed, x.device)
         if m == 1:  # one copy per sample: scale and shift the draws in place
-            yield eps.mul_(sigma[0]).add_(x[0]), i.to(x.device)
+            yield eps.mul_(sigma[0]).add_(x[0]), i.to(x.device), s
         else:
             i = i.to(x.device)
-            yield x[i] + sigma[i] * eps[(s - first).to(x.device)], i  # the same rounding as above
+            yield x[i] + sigma[i] * eps[(s - first).to(x.device)], i, s  # the same rounding as above
 
 
 def noisy_inputs(x: Tensor, noise_level: float, samples: int, seed: int) -> Tensor:
@@ -126,12 +130,17 @@ def noisy_inputs(x: Tensor, noise_level: float, samples: int, seed: int) -> Tens
 
     Uses the same code path as ``NoiseTunnel``.
     """
-    copies = torch.cat([c for c, _ in noisy_chunks(x.float(), noise_level, samples, seed, chunk=x.shape[0])])
+    copies = torch.cat(
+        [c for c, _, _ in noisy_chunks(x.float(), noise_level, samples, seed, chunk=x.shape[0])]
+    )
     return copies.view(samples, *x.shape)
 
 
 class NoiseTunnel(Method):
-    """Average of ``inner`` over ``samples`` noisy copies of each input (see the module docstring).
+    """A statistic of ``inner`` over ``samples`` noisy copies of each input (see the module
+    docstring): their mean (``aggregate``), or what a subclass makes of the mean and the mean
+    of squares (VarGrad, SmoothGrad²). ``explain_copies`` is the one step a subclass may change
+    for the copies themselves (GradientSHAP: a random point on each copy's path).
 
     ``delta`` (when the inner method reports one, as IG does) is the mean of the per-copy deltas,
     which equals Σ(averaged attributions) − mean_s (f(x + σε_s) − f(x'_s)): the completeness gap of
@@ -139,6 +148,8 @@ class NoiseTunnel(Method):
     """
 
     inner: ClassVar[PixelMethod]
+    #: whether ``aggregate`` reads the mean of the squared attributions
+    second_moment: ClassVar[bool] = False
 
     def check(self, handle: ModelHandle, params: ExplainParams) -> None:
         self.inner.check(handle, params)
@@ -149,26 +160,39 @@ class NoiseTunnel(Method):
     def cost(self, params: ExplainParams, handle: ModelHandle) -> int:
         return params.samples * self.inner.cost(params, handle)
 
+    def explain_copies(self, ctx: RunContext, noisy: Tensor, targets: Tensor, samples: Tensor) -> Attribution:
+        """Per-channel attributions of a chunk of noisy copies (``samples``: each copy's sample
+        index, on the CPU): the inner method's, unchanged."""
+        return self.inner.pixel_attributions(ctx, noisy, targets)
+
+    def aggregate(self, mean: Tensor, mean_square: Tensor | None) -> Tensor:
+        """The per-channel result from the copies' mean (and mean of squares): the mean."""
+        return mean
+
     def attribute(self, ctx: RunContext, x: Tensor, targets: Tensor) -> Attribution:
         x = x.float()
         m, samples = x.shape[0], ctx.params.samples
         total = torch.zeros_like(x)
+        squares = torch.zeros_like(x) if self.second_moment else None
         delta_total: Tensor | None = None
         chunks = noisy_chunks(x, ctx.params.noise_level, samples, ctx.seed, ctx.batch_size)
-        for noisy, rows in chunks:
+        for noisy, rows, sample in chunks:
             ctx.check_cancel()
-            part = self.inner.pixel_attributions(ctx, noisy, targets[rows])
+            part = self.explain_copies(ctx, noisy, targets[rows], sample)
             assert part.attributions is not None
-            total.index_add_(0, rows, part.attributions.float())
+            a = part.attributions.float()
+            total.index_add_(0, rows, a)
+            if squares is not None:
+                squares.index_add_(0, rows, a * a)
             delta = part.delta
             if delta is not None:
                 if delta_total is None:
                     delta_total = torch.zeros(m, dtype=torch.float32, device=x.device)
                 delta_total.index_add_(0, rows, delta.float())
-        mean = total / samples
+        result = self.aggregate(total / samples, None if squares is None else squares / samples)
         return Attribution(
-            maps=self.inner.to_map(mean),
-            attributions=mean,
+            maps=self.inner.to_map(result),
+            attributions=result,
             delta=None if delta_total is None else delta_total / samples,
         )
 
@@ -215,3 +239,99 @@ class SmoothIntegratedGradients(NoiseTunnel):
     signed = IntegratedGradients.signed
     rendering = GRADIENT_MAGNITUDE
     uses = IntegratedGradients.uses | NOISE_USES
+
+
+class SignedGradient(InputGradientMethod):
+    """∂y_c/∂x per channel, signed (not registered: the inner method of VarGrad and SmoothGrad²,
+    whose statistics are of the signed gradient); map = max over channels of what the wrapper
+    makes of it (both statistics are non-negative)."""
+
+    reduction = "max"
+
+
+@register
+class SmoothGradSquared(NoiseTunnel):
+    """SmoothGrad² (Smilkov et al. 2017, https://arxiv.org/abs/1706.03825; named and used so by
+    Hooker et al. 2019): the mean over noisy copies of (∂y_c/∂x)² per channel — Captum's
+    ``NoiseTunnel(Saliency(abs=False), nt_type="smoothgrad_sq")`` with our σ; map = max over
+    channels. Shown as the other gradient magnitudes (``figures.GRADIENT_MAGNITUDE``).
+    """
+
+    name = "smoothgrad_sq"
+    family = "path"
+    description = "Mean of the squared gradient over noisy copies of the image."
+    paper = "https://arxiv.org/abs/1706.03825"
+    inner = SignedGradient()
+    rendering = GRADIENT_MAGNITUDE
+    uses = Saliency.uses | NOISE_USES
+    second_moment = True
+
+    def aggregate(self, mean: Tensor, mean_square: Tensor | None) -> Tensor:
+        assert mean_square is not None
+        return mean_square
+
+
+@register
+class VarGrad(NoiseTunnel):
+    """VarGrad (Adebayo et al. 2018, https://arxiv.org/abs/1810.03307): the variance over noisy
+    copies of ∂y_c/∂x per channel, E[g²] − E[g]² (the population variance, as Captum's
+    ``NoiseTunnel(nt_type="vargrad")``); map = max over channels. Shown as the other gradient
+    magnitudes (``figures.GRADIENT_MAGNITUDE``).
+    """
+
+    name = "vargrad"
+    family = "path"
+    description = "Variance of the gradient over noisy copies of the image."
+    paper = "https://arxiv.org/abs/1810.03307"
+    inner = SignedGradient()
+    rendering = GRADIENT_MAGNITUDE
+    uses = Saliency.uses | NOISE_USES
+    second_moment = True
+
+    def aggregate(self, mean: Tensor, mean_square: Tensor | None) -> Tensor:
+        assert mean_square is not None
+        return (mean_square - mean * mean).clamp_(min=0)
+
+
+_ALPHA_STREAM = 0x6A09E667F3BCC909  # keeps GradientSHAP's path points off the noise streams
+
+
+def path_points(samples: Tensor, seed: int) -> Tensor:
+    """α_s ~ U[0, 1) of each noisy copy, from a generator per sample seeded from (seed, s): every
+    image shares sample s's α_s as it shares ε_s, so a result never depends on its batch."""
+    out = torch.empty(samples.shape[0])
+    for k, s in enumerate(samples.tolist()):
+        g = torch.Generator()
+        g.manual_seed(sample_seed(seed ^ _ALPHA_STREAM, int(s)))
+        out[k] = torch.rand((), generator=g)
+    return out
+
+
+@register
+class GradientShap(NoiseTunnel):
+    """GradientSHAP (Lundberg & Lee, NeurIPS 2017, https://arxiv.org/abs/1705.07874), as Captum's
+    ``GradientShap`` defines it: for each noisy copy x̃_s = x + σε_s, a baseline b drawn from the
+    baseline distribution (here the one ``baseline`` of the request: ``make_baseline`` of the copy)
+    and α_s ~ U[0, 1) (``path_points``), the attribution ∇f(b + α_s(x̃_s − b)) ⊙ (x̃_s − b),
+    averaged over the ``samples`` copies. σ as our other noise methods define it (relative to the
+    input's range; Captum's ``stdevs`` is absolute). Signed; map = sum over channels.
+
+    Shown with both signs, as input × gradient (``figures.SIGNED_ATTRIBUTION``).
+    """
+
+    name = "gradient_shap"
+    family = "path"
+    description = "Expected gradients × (input − baseline) at random points between baseline and noisy input."
+    paper = "https://arxiv.org/abs/1705.07874"
+    inner = InputXGradient()
+    signed = True
+    rendering = SIGNED_ATTRIBUTION
+    uses = Saliency.uses | NOISE_USES | {"baseline"}
+
+    def explain_copies(self, ctx: RunContext, noisy: Tensor, targets: Tensor, samples: Tensor) -> Attribution:
+        baseline = make_baseline(ctx.params.baseline, noisy, ctx.handle, ctx.seed)
+        alpha = path_points(samples, ctx.seed).to(noisy.device).view(-1, 1, 1, 1)
+        diff = noisy - baseline
+        grad = ctx.input_gradients(baseline + alpha * diff, targets).grad
+        ctx.advance(noisy.shape[0])
+        return Attribution(maps=EMPTY, attributions=grad * diff)

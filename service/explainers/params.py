@@ -25,6 +25,8 @@ MAX_STEPS = 512
 MAX_SAMPLES = 256
 MAX_BATCH_SIZE = 1024
 MAX_LEGRAD_LAYERS = 64
+MAX_MASKS = 16384
+MAX_WINDOW = 1024
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,11 @@ class ExplainParams:
     legrad_layers: int | None = knob(
         None, "LeGrad: how many of the last blocks are averaged (unset: all)", ge=1, le=MAX_LEGRAD_LAYERS
     )
+    window: int = knob(16, "occlusion: side of the square patch, in input pixels", ge=1, le=MAX_WINDOW)
+    stride: int = knob(8, "occlusion: step between patches, in input pixels", ge=1, le=MAX_WINDOW)
+    masks: int = knob(4000, "RISE: random masks (the paper's N)", ge=1, le=MAX_MASKS)
+    mask_cells: int = knob(7, "RISE: cells per side of each mask's grid (the paper's s)", ge=1, le=64)
+    mask_p: float = knob(0.5, "RISE: probability that a grid cell is kept (the paper's p)", ge=0.01, le=1.0)
     seed: int | None = knob(None, "noise seed; same seed, same result (unset: drawn)", ge=0, lt=2**63)
     batch_size: int = knob(
         32,

@@ -16,7 +16,7 @@ from service.explainers import ExplainParams, Explanation, Targets, explain, get
 from service.imaging.render import normalize
 
 # small but non-trivial settings so that every method stays cheap on the 64×64 ResNet
-FAST = {"steps": "4", "samples": "3", "seed": "7"}
+FAST = {"steps": "4", "samples": "3", "masks": "8", "seed": "7"}
 # Score-CAM costs one forward pass per channel: explain the 64-channel layer1, not layer4's 512
 LAYER = {"scorecam": "layer1"}
 METHODS = [n for n in method_names() if get_method(n).family != "attention"]  # the test model is a CNN
@@ -42,7 +42,7 @@ def engine_explanation(app: FastAPI, method: str, image_png: bytes, target: int)
     """The engine's answer for the same image and parameters, called in-process."""
     model = app.state.services.registry.get("tiny")
     x, _ = model.preprocess(decode_png(image_png).convert("RGB"))
-    params = ExplainParams(steps=4, samples=3, seed=7, layer=LAYER.get(method))
+    params = ExplainParams(steps=4, samples=3, masks=8, seed=7, layer=LAYER.get(method))
     return explain(model.handle, x[None], method, params, targets=Targets.given([[target]]))
 
 
@@ -122,7 +122,8 @@ def test_json_minmax_range_and_parameters(client: TestClient, png_bytes: bytes, 
     params = body["parameters"]
     assert set(params) == {
         "method", "target", "top_k", "layer", "steps", "samples", "noise_level", "baseline", "rule",
-        "head_fusion", "discard_ratio", "legrad_layers", "seed", "batch_size", "resolution", "colormap",
+        "head_fusion", "discard_ratio", "legrad_layers", "window", "stride", "masks", "mask_cells", "mask_p",
+        "seed", "batch_size", "resolution", "colormap",
         "alpha", "polarity", "clip_lower", "clip_upper", "style", "keep", "smooth", "reduction",
         "normalize", "format",
     }  # fmt: skip

@@ -99,7 +99,7 @@ def batching_executor(metrics: Metrics, size: int = N) -> Executor:
 def test_batched_results_equal_each_request_alone(
     method: str, handle: ModelHandle, inputs: torch.Tensor
 ) -> None:
-    params = ExplainParams(steps=6, samples=3, seed=11, batch_size=64)
+    params = ExplainParams(steps=6, samples=3, masks=8, seed=11, batch_size=64)
     metrics = Metrics()
     executor = batching_executor(metrics)
     try:

@@ -49,7 +49,7 @@ SIZE = 64
 METHODS = sorted(m.name for m in all_methods())
 SIGNED = {m.name: m.signed for m in all_methods()}
 LAYERED = {m.name for m in all_methods() if m.needs_layer}
-PARAMS = ExplainParams(steps=4, samples=2, seed=1234)
+PARAMS = ExplainParams(steps=4, samples=2, seed=1234, masks=16)
 # Methods whose passes grow with the target layer's width (Score-CAM: one forward per channel) run
 # on one image in the architecture matrix; their batch and seed properties are checked on ``Flaky``.
 HEAVY = {m.name for m in all_methods() if m.passes(PARAMS) > 64}

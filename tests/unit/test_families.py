@@ -93,7 +93,7 @@ def images(family: str, n: int = 2, seed: int = 0) -> Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-PARAMS = ExplainParams(steps=3, samples=2, seed=3, batch_size=4)
+PARAMS = ExplainParams(steps=3, samples=2, seed=3, batch_size=4, masks=8, window=16, stride=16)
 METHODS = [m.name for m in all_methods()]
 
 

@@ -266,3 +266,70 @@ def test_a_forked_child_can_still_draw() -> None:
 def _draw_in_child(expected: list[Any]) -> None:
     drawn = draw_samples(0, 4, (3, 8, 8), seed=5, device=torch.device("cpu"))
     os._exit(0 if drawn.tolist() == expected else 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# VarGrad, SmoothGrad², GradientSHAP: further statistics of the same wrapper
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["vargrad", "smoothgrad_sq"])
+def test_vargrad_and_smoothgrad_sq_are_captums_statistics_over_our_noise(
+    mnasnet: ModelHandle, method: str
+) -> None:
+    """Captum's ``NoiseTunnel`` statistics (smoothgrad_sq: mean of squares; vargrad: mean of
+    squares − square of the mean) of its signed ``Saliency``, over our exact noisy copies."""
+    torch.manual_seed(10)
+    x = torch.randn(2, 3, 32, 32)
+    params = ExplainParams(samples=5, noise_level=0.2, seed=31, batch_size=3)
+    e = explain(mnasnet, x, method, params, targets=Targets.given(TARGETS))
+    reference = CaptumSaliency(mnasnet.prepared())
+    copies = noisy_inputs(x.repeat_interleave(2, dim=0), 0.2, samples=5, seed=31)
+    grads = torch.stack(
+        [reference.attribute(c.requires_grad_(True), target=FLAT_TARGETS, abs=False).detach() for c in copies]
+    )
+    square = (grads**2).mean(dim=0)
+    ref = square if method == "smoothgrad_sq" else square - grads.mean(dim=0) ** 2
+    assert e.attributions is not None
+    close(e.attributions.reshape(4, 3, 32, 32), ref, rel=1e-3)
+    close(e.maps.reshape(4, 32, 32), ref.amax(dim=1), rel=1e-3)
+    assert not e.signed and bool((e.maps >= 0).all())
+
+
+def test_gradient_shap_is_captums_given_our_noise_and_path_points(
+    mnasnet: ModelHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Captum's ``GradientShap`` is ``NoiseTunnel(InputBaselineXGradient)``; its α comes from
+    ``np.random.uniform``, patched here to hand it ours, over our exact noisy copies."""
+    from captum.attr._core.gradient_shap import InputBaselineXGradient
+
+    from service.explainers.noise import path_points
+
+    torch.manual_seed(11)
+    x = torch.randn(2, 3, 32, 32)
+    params = ExplainParams(samples=4, noise_level=0.1, seed=41, baseline="white", batch_size=3)
+    e = explain(mnasnet, x, "gradient_shap", params, targets=Targets.given(TARGETS))
+    _, hi = mnasnet.pixel_bounds(3)
+    reference = InputBaselineXGradient(mnasnet.prepared())
+    attrs = []
+    for s, c in enumerate(noisy_inputs(x.repeat_interleave(2, dim=0), 0.1, samples=4, seed=41)):
+        alpha = float(path_points(torch.tensor([s]), 41)[0])
+        monkeypatch.setattr("numpy.random.uniform", lambda lo, up, n, a=alpha: [a] * n)
+        attrs.append(reference.attribute(c, baselines=hi.expand_as(c).clone(), target=FLAT_TARGETS).detach())
+    ref = torch.stack(attrs).mean(dim=0)
+    assert e.attributions is not None
+    close(e.attributions.reshape(4, 3, 32, 32), ref, rel=1e-3)
+    close(e.maps.reshape(4, 32, 32), ref.sum(dim=1), rel=1e-3)
+
+
+@pytest.mark.parametrize("method", ["vargrad", "smoothgrad_sq", "gradient_shap"])
+def test_new_statistics_do_not_depend_on_the_batch(resnet18: ModelHandle, method: str) -> None:
+    torch.manual_seed(12)
+    x = torch.randn(3, 3, 32, 32)
+    params = ExplainParams(samples=3, seed=22, baseline="uniform")
+    together = explain(
+        resnet18, x, method, params.with_(batch_size=4), targets=Targets.given([[1], [2], [3]])
+    )
+    alone = explain(resnet18, x[1:2], method, params.with_(batch_size=1), targets=Targets.given([[2]]))
+    assert together.attributions is not None and alone.attributions is not None
+    close(alone.attributions[0], together.attributions[1], rel=1e-4)
+    again = explain(resnet18, x[1:2], method, params.with_(seed=23), targets=Targets.given([[2]]))
+    assert not torch.allclose(again.maps, alone.maps)

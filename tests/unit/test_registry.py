@@ -214,6 +214,7 @@ def test_torchscript_model(tmp_path: Path) -> None:
     assert model.target_layer == "layer4"  # by structure: TorchScript refuses hooks
     assert model.architecture == "ResNet"
     assert "gradcam" not in model.methods()  # CAM needs a forward hook
+    assert {"occlusion", "rise"} <= set(model.methods())  # black-box: a forward is all they need
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model.module(x), ref(x))

@@ -21,7 +21,8 @@ from service.explainers.path import make_baseline
 # the CNN methods (this module's model is a ResNet); the attention family, which picks its targets
 # too, is counted on ViTs in test_attention.py
 PICKING = sorted(m.name for m in all_methods() if m.picks_targets and m.family != "attention")
-SINGLE_PASS = sorted(set(PICKING) - {"integrated_gradients"})
+PERTURBATION = sorted(m.name for m in all_methods() if m.family == "perturbation")
+SINGLE_PASS = sorted(set(PICKING) - {"integrated_gradients", *PERTURBATION})
 N, BATCH, STEPS = 3, 2, 4
 
 
@@ -67,6 +68,8 @@ def test_the_picking_methods_are_those_whose_first_pass_sees_every_clean_row() -
         "guided_backprop",
         "deconvnet",
         "integrated_gradients",
+        "occlusion",
+        "rise",
     }
     attention = {m.name for m in all_methods() if m.family == "attention"}
     assert attention == {m.name for m in all_methods() if m.picks_targets and m.family == "attention"}
@@ -90,6 +93,21 @@ def test_single_pass_methods_run_the_model_once_per_chunk(handle: ModelHandle, m
     torch.testing.assert_close(
         picked.scores.squeeze(1), predict(handle, x).softmax(dim=1).amax(dim=1), rtol=1e-4, atol=1e-5
     )
+
+
+@pytest.mark.parametrize("method", PERTURBATION)
+def test_perturbation_methods_score_the_targets_with_their_clean_pass(
+    handle: ModelHandle, method: str
+) -> None:
+    """The clean rows first (their pass scores and picks the targets), then the perturbed copies."""
+    x = images(9)
+    params = ExplainParams(seed=5, batch_size=BATCH, window=24, stride=24, masks=3)  # 4 windows, 3 masks
+    with counting(handle, method) as calls:
+        out = explain(handle, x, method, params)
+    copies = 4 if method == "occlusion" else 3
+    assert calls == chunks(N) + chunks(N * copies)
+    assert torch.equal(out.targets, predict(handle, x).argmax(dim=1, keepdim=True))
+    torch.testing.assert_close(out.logits.squeeze(1), predict(handle, x).amax(dim=1), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(("baseline", "baseline_rows"), [("black", 1), ("uniform", 1), ("blur", N)])
