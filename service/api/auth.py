@@ -179,8 +179,8 @@ async def sync_slot(request: Request) -> AsyncIterator[None]:
 
 def is_loopback(host: str) -> bool:
     """Whether ``host`` (an address or name) only listens locally."""
-    if host in ("localhost", ""):
-        return host == "localhost"
+    if host == "localhost":
+        return True
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:

@@ -102,11 +102,8 @@ def answer(
 
 
 def check(settings: Settings, a: Answer) -> int:
-    """The estimate in bytes; ``ResponseTooLarge`` (422) above ``max_response_bytes``."""
-    size = a.bytes
-    limit = settings.max_response_bytes
-    if size <= limit:
-        return size
+    """The estimate in bytes; ``ResponseTooLarge`` (422) above ``max_response_bytes``, naming
+    the parameters that would shrink this answer."""
     hints = []
     if any(h * w > 224 * 224 for h, w in a.sizes):
         hints.append("resolution=model")
@@ -118,12 +115,7 @@ def check(settings: Settings, a: Answer) -> int:
         hints.append("reduction=sum")
     if a.fmt == "json" and len(a.sizes) > 1:
         hints.append("a job, fetching each image's result with format=npy&index=i")
-    raise ResponseTooLarge(
-        f"the response would be about {_mb(size)} ({a.describe()} as {a.fmt}); the limit is "
-        f"{_mb(limit)}. To shrink it: {', '.join(hints) or 'a smaller image'}",
-        estimate=size,
-        limit=limit,
-    )
+    return check_bytes(settings, a.bytes, f"{a.describe()} as {a.fmt}", ", ".join(hints) or "a smaller image")
 
 
 def _mb(n: int) -> str:
@@ -145,13 +137,16 @@ def evaluation_bytes(fmt: str, methods: int, params: EvaluateParams, blocks: int
 SANITY_NAME_BYTES = 64
 
 
-def check_bytes(settings: Settings, size: int, what: str) -> int:
-    """``ResponseTooLarge`` (422) when ``size`` passes ``max_response_bytes``; else ``size``."""
+def check_bytes(
+    settings: Settings, size: int, what: str, shrink: str = "fewer methods or curve_steps, or a job"
+) -> int:
+    """``size``; ``ResponseTooLarge`` (422) when it passes ``max_response_bytes``, saying what
+    the answer holds (``what``) and how to shrink it (``shrink``)."""
     limit = settings.max_response_bytes
     if size > limit:
         raise ResponseTooLarge(
-            f"the response would be about {_mb(size)} ({what}); the limit is {_mb(limit)}: "
-            "fewer methods or curve_steps, or a job",
+            f"the response would be about {_mb(size)} ({what}); the limit is {_mb(limit)}. "
+            f"To shrink it: {shrink}",
             estimate=size,
             limit=limit,
         )

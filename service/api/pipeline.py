@@ -70,12 +70,10 @@ def _prepare_all(settings: Settings, model: LoadedModel, images: list[bytes]) ->
 
 
 async def prepare_images(
-    settings: Settings, model: LoadedModel, images: list[bytes], clock: Clock | None = None
+    settings: Settings, model: LoadedModel, images: list[bytes], clock: Clock
 ) -> list[Prepared]:
-    """Decode (limits, EXIF, RGB) and preprocess each upload, off the event loop (within the
-    request's deadline when ``clock`` is given)."""
-    if clock is None:
-        return await run_in_threadpool(_prepare_all, settings, model, images)
+    """Decode (limits, EXIF, RGB) and preprocess each upload, off the event loop and within the
+    request's deadline."""
     return await within(clock, _prepare_all, settings, model, images)
 
 

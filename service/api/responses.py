@@ -48,11 +48,8 @@ def heatmap(expl: Explanation, i: int, k: int, geometry: Geometry, render: Rende
     """Raw float32 map of image ``i``, target ``k``: (H, W), or (C, H, W) with ``reduction=none``,
     at the requested resolution."""
     if render.reduction == "none":
-        if expl.attributions is None:
-            raise InvalidParameter(
-                f"reduction=none needs a gradient or path method; {expl.method} only makes a map",
-                field="reduction",
-            )
+        check_renderable(expl, render)
+        assert expl.attributions is not None
         m = expl.attributions[i, k].numpy()
     else:
         m = expl.maps[i, k].numpy()
