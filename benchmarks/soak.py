@@ -324,7 +324,9 @@ async def soak(base: str, model: str, duration: float, concurrency: int, seed: i
     tally = Tally()
     stop_at = time.monotonic() + duration
     rng = random.Random(seed)
-    limits = httpx.Limits(max_connections=concurrency * 2)
+    # idle connections are dropped by the client well before uvicorn's 5 s keep-alive timeout,
+    # so a request never goes out on a connection the server is closing at that moment
+    limits = httpx.Limits(max_connections=concurrency * 2, keepalive_expiry=2.0)
     async with httpx.AsyncClient(base_url=base, timeout=180, limits=limits) as c:
 
         async def client() -> None:
@@ -337,7 +339,11 @@ async def soak(base: str, model: str, duration: float, concurrency: int, seed: i
                     continue
                 family, case, _, call, expected = rng.choices(mix, weights=weights)[0]
                 started = time.perf_counter()
-                r = await call(c)
+                try:
+                    r = await call(c)
+                except httpx.TransportError as exc:  # no answer at all: a failure, named in the report
+                    tally.unexpected.append(f"{case}: no response ({type(exc).__name__})")
+                    continue
                 elapsed = time.perf_counter() - started
                 tally.statuses[family][r.status_code] += 1
                 if r.status_code == 200 or family == "hostile":
