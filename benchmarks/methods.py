@@ -3,9 +3,10 @@
 In one process, on one device, with one model and one input, each of our methods runs beside:
 
 - its references: Captum (IntegratedGradients, NoiseTunnel(Saliency) for SmoothGrad,
-  LayerGradCam + bilinear upsampling, GuidedBackprop, Saliency, …) and pytorch-grad-cam (GradCAM
-  and the other CAM variants), run the way a user would run them: on the eager model, parameters
-  requiring grad;
+  LayerGradCam + bilinear upsampling, GuidedBackprop, Saliency, …), pytorch-grad-cam (GradCAM
+  and the other CAM variants) and PAIR's ``saliency`` (BlurIG, GuidedIG, XRAI: numpy pixel images,
+  the gradient from the eager model through the normalisation), run the way a user would run them:
+  on the eager model, parameters requiring grad;
 - the compute floor: the same number of batched forward + input-gradient passes, run bare, once
   through the same prepared copy our engine uses (BatchNorm folded, channels_last, no parameter
   gradients) and once through the eager model.
@@ -59,6 +60,9 @@ TARGETS: dict[tuple[str, str], float] = {
     ("smoothgrad_sq", "captum"): 0.8,
     ("gradient_shap", "captum"): 0.8,
     ("rise", "floor"): 1.1,
+    ("blur_ig", "pair"): 0.8,
+    ("guided_ig", "pair"): 0.8,
+    ("xrai", "pair"): 0.8,
 }
 
 GRAD_CAM_CLASSES = {
@@ -159,8 +163,10 @@ class Setup:
 
 def passes_per_image(method: str, args: argparse.Namespace) -> int:
     """Forward + input-gradient passes per image that the floor runs for ``method``."""
-    if method == "integrated_gradients":
+    if method in ("integrated_gradients", "blur_ig", "guided_ig"):
         return int(args.steps)
+    if method == "xrai":
+        return 2 * int(args.steps)
     if method in ("smoothgrad", "vargrad", "smoothgrad_sq", "gradient_shap"):
         return int(args.samples)
     if method == "smooth_ig":
@@ -312,6 +318,70 @@ def grad_cam_reference(s: Setup, method: str) -> Callable[[], None] | None:
     return run
 
 
+def _pair_quantile(a: Any, q: Any, *args: Any, interpolation: str | None = None, **kw: Any) -> Any:
+    """numpy's quantile taking PAIR 0.2.1's ``interpolation=`` (removed in numpy 2) as ``method=``."""
+    import numpy as np
+
+    if interpolation is not None:
+        kw["method"] = interpolation
+    return np.quantile(a, q, *args, **kw)
+
+
+def pair_reference(s: Setup, method: str) -> Callable[[], None] | None:
+    """PAIR's ``saliency.core`` (the authors' code) on the same model, image, targets and settings:
+    pixel images (H, W, C) in float64, ``batch_size`` steps per model call where it batches."""
+    if method not in ("blur_ig", "guided_ig", "xrai"):
+        return None
+    try:
+        import numpy as np
+        import saliency.core as pair  # type: ignore[import-untyped]
+        from saliency.core import guided_ig as pair_guided  # type: ignore[import-untyped]
+    except ImportError:
+        return None
+    import types
+
+    shim = types.SimpleNamespace(**{k: getattr(np, k) for k in dir(np) if not k.startswith("__")})
+    shim.quantile = _pair_quantile
+    pair_guided.np = shim
+    model, p, a = s.eager, s.params, s.args
+    c = s.x.shape[1]
+    mean = torch.tensor(s.handle.mean, dtype=torch.float32).expand(c).view(1, -1, 1, 1).to(s.device)
+    std = torch.tensor(s.handle.std, dtype=torch.float32).expand(c).view(1, -1, 1, 1).to(s.device)
+    pixels = [(xi * std[0] + mean[0]).permute(1, 2, 0).double().cpu().numpy() for xi in s.x]
+
+    def gradients(target: int) -> Callable[..., dict[str, Any]]:
+        def call(batch: Any, call_model_args: object = None, expected_keys: object = None) -> dict[str, Any]:
+            px = torch.tensor(np.asarray(batch), dtype=torch.float32, device=s.device).permute(0, 3, 1, 2)
+            px.requires_grad_(True)
+            with torch.enable_grad(), s.amp():
+                out = model((px - mean) / std).float()[:, target].sum()
+            (g,) = torch.autograd.grad(out, px)
+            return {pair.base.INPUT_OUTPUT_GRADIENTS: g.permute(0, 2, 3, 1).double().cpu().numpy()}
+
+        return call
+
+    bs = int(a.batch_size)
+
+    def one(image: Any, target: int) -> object:
+        f = gradients(target)
+        if method == "blur_ig":
+            return pair.BlurIG().GetMask(image, f, max_sigma=p.max_sigma, steps=a.steps, batch_size=bs)
+        if method == "guided_ig":
+            return pair.GuidedIG().GetMask(
+                image, f, x_steps=a.steps, fraction=p.fraction, max_dist=p.max_dist
+            )
+        extra = pair.XRAIParameters(steps=a.steps)
+        extra.experimental_params["min_pixel_diff"] = 1  # as ours (the paper has no threshold)
+        baselines = [np.zeros_like(image), np.ones_like(image)]
+        return pair.XRAI().GetMask(image, f, baselines=baselines, batch_size=bs, extra_parameters=extra)
+
+    def run() -> None:
+        for image, target in zip(pixels, s.targets.tolist(), strict=True):
+            one(image, int(target))
+
+    return run
+
+
 # ------------------------------------------------------------------------------------------------
 # the run
 # ------------------------------------------------------------------------------------------------
@@ -346,7 +416,11 @@ class Row:
 
 def bench_method(s: Setup, method: str) -> Row:
     contenders: dict[str, Callable[[], object]] = {"ours": ours(s, method)}
-    for label, make in (("captum", captum_reference), ("grad-cam", grad_cam_reference)):
+    for label, make in (
+        ("captum", captum_reference),
+        ("grad-cam", grad_cam_reference),
+        ("pair", pair_reference),
+    ):
         ref = make(s, method)
         if ref is not None:
             contenders[label] = ref
@@ -399,7 +473,7 @@ def verdict(method: str, times: dict[str, float]) -> str:
     return ", ".join(parts)
 
 
-REFS = ("captum", "grad-cam", "floor", "floor-eager")
+REFS = ("captum", "grad-cam", "pair", "floor", "floor-eager")
 
 
 def print_rows(rows: list[Row], images: int) -> None:

@@ -5,14 +5,17 @@ Importing this package registers every method (each module's ``@register`` runs 
 
 from service.explainers import (  # importing a method module registers its methods
     attention,  # noqa: F401
+    blur_ig,  # noqa: F401
     cam,  # noqa: F401
     class_cam,  # noqa: F401
     eigencam,  # noqa: F401
     gradient,  # noqa: F401
+    guided_ig,  # noqa: F401
     noise,  # noqa: F401
     path,  # noqa: F401
     perturbation,  # noqa: F401
     scorecam,  # noqa: F401
+    xrai,  # noqa: F401
 )
 from service.explainers.base import (
     Attribution,

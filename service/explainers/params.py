@@ -27,6 +27,7 @@ MAX_BATCH_SIZE = 1024
 MAX_LEGRAD_LAYERS = 64
 MAX_MASKS = 16384
 MAX_WINDOW = 1024
+MAX_SIGMA = 1024.0
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,18 @@ class ExplainParams:
     masks: int = knob(4000, "RISE: random masks (the paper's N)", ge=1, le=MAX_MASKS)
     mask_cells: int = knob(7, "RISE: cells per side of each mask's grid (the paper's s)", ge=1, le=64)
     mask_p: float = knob(0.5, "RISE: probability that a grid cell is kept (the paper's p)", ge=0.01, le=1.0)
+    max_sigma: float = knob(
+        50.0, "Blur IG: σ of the most blurred image on the path, in pixels", ge=0.01, le=MAX_SIGMA
+    )
+    fraction: float = knob(
+        0.25,
+        "Guided IG: fraction of the features moved at each step (lowest |gradient| first)",
+        ge=0.01,
+        le=1.0,
+    )
+    max_dist: float = knob(
+        0.02, "Guided IG: how far (in α) a feature may stray from the straight path", ge=0.0, le=1.0
+    )
     seed: int | None = knob(None, "noise seed; same seed, same result (unset: drawn)", ge=0, lt=2**63)
     batch_size: int = knob(
         32,
