@@ -82,16 +82,24 @@ class Blurs:
 
     def blur(self, p: Tensor, sigma: float) -> Tensor:
         """The images blurred by σ."""
-        bh, bw = (self._tensor(a) for a in self._matrices(sigma))
-        return bh @ p @ bw.T
+        bh, bw = self._matrices(sigma)
+        return separable(p, self._tensor(bh), self._tensor(bw))
 
     def blur_and_rate(self, p: Tensor, sigma: float) -> tuple[Tensor, Tensor]:
         """x(σ) and the forward difference (x(σ + GRAD_STEP) − x(σ)) / GRAD_STEP."""
         bh, bw = self._matrices(sigma)
         bh2, bw2 = self._matrices(sigma + GRAD_STEP)
         t = self._tensor
-        rate = (t(bh2 - bh) @ p @ t(bw2).T + t(bh) @ p @ t(bw2 - bw).T) / GRAD_STEP
-        return t(bh) @ p @ t(bw).T, rate
+        rate = (separable(p, t(bh2 - bh), t(bw2)) + separable(p, t(bh), t(bw2 - bw))) / GRAD_STEP
+        return separable(p, t(bh), t(bw)), rate
+
+
+def separable(p: Tensor, bh: Tensor, bw: Tensor) -> Tensor:
+    """B_H · p · B_Wᵀ for every (n, C) plane of p, as two flat matrix products (torch's broadcast
+    ``matmul`` of a matrix with a 4-D tensor is two orders of magnitude slower on the CPU)."""
+    n, c, h, w = p.shape
+    rows = (p.reshape(-1, w) @ bw.T).view(n, c, h, w)
+    return (rows.transpose(-1, -2).reshape(-1, h) @ bh.T).view(n, c, w, h).transpose(-1, -2)
 
 
 @register

@@ -35,33 +35,33 @@ EPSILON = 1e-9
 
 def guided_step(
     x: Tensor, x_input: Tensor, grad: Tensor, step: int, steps: int, fraction: float, max_dist: float
-) -> Tensor:
-    """Move ``x`` (one pair's flat features, float64, from the black baseline) through step
-    ``step`` of the guided path, in place; return the step's attribution, Σ (x_new − x_old) ⊙ grad.
+) -> tuple[Tensor, Tensor]:
+    """Step ``step`` of the guided path from ``x`` (one pair's flat features, float64, from the
+    black baseline): the new point and the step's attribution, Σ (x_new − x_old) ⊙ grad.
 
-    The authors' ``guided_ig_impl`` loop body, with the baseline 0.
+    The authors' ``guided_ig_impl`` loop body with the baseline 0, its masked assignments written
+    as ``torch.where`` (the same values; an order of magnitude faster on the CPU).
     """
     grad_actual = grad
-    grad = grad.clone()
     l1_total = float(x_input.abs().sum())
     alpha = (step + 1.0) / steps
     alpha_min, alpha_max = max(alpha - max_dist, 0.0), min(alpha + max_dist, 1.0)
     x_min, x_max = x_input * alpha_min, x_input * alpha_max
     l1_target = l1_total * (1 - (step + 1) / steps)
     moving = x_input != 0
+    denominator = torch.where(moving, x_input, 1.0)
     kth = math.floor((x.numel() - 1) * fraction) + 1  # numpy's quantile(method="lower")
     attr = torch.zeros_like(x)
     gamma = math.inf
     while gamma > 1.0:
-        x_old = x.clone()
-        x_alpha = torch.where(moving, x / torch.where(moving, x_input, 1.0), alpha_max)
-        behind = x_alpha < alpha_min
-        x[behind] = x_min[behind]
+        x_old = x
+        x_alpha = torch.where(moving, x / denominator, alpha_max)
+        x = torch.where(x_alpha < alpha_min, x_min, x)
         l1_current = float((x - x_input).abs().sum())
         if math.isclose(l1_target, l1_current, rel_tol=EPSILON, abs_tol=EPSILON):
             attr += (x - x_old) * grad_actual
             break
-        grad[x == x_max] = math.inf
+        grad = torch.where(x == x_max, math.inf, grad)
         size = grad.abs()
         threshold = size.kthvalue(kth).values
         s = (size <= threshold) & (grad != math.inf)
@@ -69,12 +69,9 @@ def guided_step(
             break
         l1_s = float(((x - x_max).abs() * s).sum())
         gamma = (l1_current - l1_target) / l1_s if l1_s > 0 else math.inf
-        if gamma > 1.0:
-            x[s] = x_max[s]
-        else:
-            x[s] = (x + (x_max - x) * gamma)[s]
+        x = torch.where(s, x_max if gamma > 1.0 else x + (x_max - x) * gamma, x)
         attr += (x - x_old) * grad_actual
-    return attr
+    return x, attr
 
 
 @register
@@ -115,9 +112,10 @@ class GuidedIntegratedGradients(PixelMethod):
                 ctx.advance(sl.stop - sl.start)
             for i in range(m):
                 if bool((x_input[i] != 0).any()):  # an input equal to the baseline: zero attribution
-                    attr[i] += guided_step(
+                    path[i], moved = guided_step(
                         path[i], x_input[i], grads[i], step, p.steps, p.fraction, p.max_dist
                     )
+                    attr[i] += moved
 
         attributions = attr.float().view_as(x)
         delta = attributions.sum(dim=(1, 2, 3)) - (ends.f_x - ends.f_base)
