@@ -98,7 +98,7 @@ async def parse_request(
         options = None
     if errors or options is None:
         raise InvalidParameter(_summary(errors), errors=errors)
-    methods = getattr(options, "method", None) or getattr(options, "methods", None)
+    methods = getattr(options, "methods", None) or getattr(options, "method", None)
     annotate(request.scope, method=methods if isinstance(methods, str) else None)  # validated names
     return ParsedRequest(options=options, images=images, accept=request.headers.get("accept"))
 
