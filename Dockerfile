@@ -21,6 +21,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     SALIENCY_HOST=0.0.0.0 \
     SALIENCY_PORT=8000 \
+    SALIENCY_LOG_FORMAT=json \
     SALIENCY_MODELS_CONFIG=/etc/saliency/models.toml
 
 RUN useradd --create-home --uid 10001 --user-group --shell /usr/sbin/nologin saliency

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from pydantic import ValidationError
 
 from service.config import Settings, get_settings
 from service.errors import ConfigError
+from service.logs import configure_logging
 
 # OpenMP threads that sleep when idle instead of spinning: a web process also decodes and renders
 # on other threads, and spinning torch threads starve them (measured on a busy 2-core machine:
@@ -46,18 +47,20 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     if settings.models_config is not None:
         load_config(settings.models_config)  # a broken config fails here, before the server starts
     _retain_heap(settings)
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=args.access_log,
-        timeout_graceful_shutdown=5,
-    )
+    configure_logging(settings.log_level, settings.log_format)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, **uvicorn_options(settings))
     return 0
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's options besides the address: its log records go through ``configure_logging``'s
+    handler, and its access log is off (the edge middleware logs every request once)."""
+    return {
+        "log_level": settings.log_level,
+        "log_config": None,
+        "access_log": False,
+        "timeout_graceful_shutdown": 5,
+    }
 
 
 def _openapi(settings: Settings, args: argparse.Namespace) -> int:
@@ -85,7 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the HTTP service (uvicorn)")
     serve.add_argument("--host", help="listen address (default: SALIENCY_HOST or 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default: SALIENCY_PORT or 8000)")
-    serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.add_argument(
+        "--access-log",
+        action="store_true",
+        help="kept for compatibility: every request is logged once anyway (SALIENCY_LOG_FORMAT)",
+    )
     serve.set_defaults(func=_serve)
 
     openapi = sub.add_parser("openapi", help="print the OpenAPI document (JSON) to stdout")

@@ -19,6 +19,16 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = Field(
+        "text",
+        description="json: one JSON object per log line (the container image's default); text: for a terminal",
+    )
+    worker_metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Celery workers serve Prometheus /metrics (compute and job durations) on this port",
+    )
 
     # --- access ----------------------------------------------------------------------------------
     api_keys: str | None = Field(

@@ -44,8 +44,9 @@ class Knob:
     request: bool = True
     #: a request that leaves it unset gets the server's configured value, not ``default``
     server_default: bool = False
-    #: a request that leaves it unset (``default`` is ``None``) gets the method's own default,
-    #: resolved once the method is known (the rendering defaults of ``GET /v1/methods``)
+    #: a request that leaves it unset gets the method's own default, resolved once the method is
+    #: known (the rendering defaults of ``GET /v1/methods``, a method's ``Method.defaults``);
+    #: ``default`` is the value for methods that declare none (``None``: each method declares one)
     method_default: bool = False
 
     @property
@@ -80,8 +81,6 @@ def knob(
     method_default: bool = False,
 ) -> Any:
     """A dataclass field declaring one parameter (see the module docstring)."""
-    if method_default and default is not None:
-        raise ValueError("a parameter with a per-method default declares None as its default")
     spec = {
         "doc": doc,
         "ge": ge,

@@ -1,5 +1,8 @@
 """Prometheus metrics, defined once. Any layer may update them (no web imports here).
 
+Label values come from closed sets only: route templates, registry model names, registered method
+names, HTTP verbs or ``other``, job tasks and states (``JOB_TASKS``, ``JOB_OUTCOMES``).
+
 Each app instance gets its own ``CollectorRegistry`` so tests can build many apps in one process.
 """
 
@@ -11,6 +14,27 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+# jobs run for seconds to hours
+JOB_BUCKETS = (
+    0.1,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    1800.0,
+    3600.0,
+    7200.0,
+    21600.0,
+)
+#: ``saliency_job_duration_seconds``'s ``task`` and ``state`` label values
+JOB_TASKS = ("explain", "evaluate")
+JOB_OUTCOMES = ("succeeded", "failed", "stopped")  # stopped: cancelled, re-queued or shut down
 
 
 @dataclass
@@ -42,6 +66,21 @@ class Metrics:
         )
         self.explanations = Counter(
             "saliency_explanations_total", "Explanations computed", ["model", "method"], registry=r
+        )
+        self.compute = Histogram(
+            "saliency_compute_seconds",
+            "Engine time of one explanation call (a batch of synchronous requests, or a chunk of a "
+            "job), in seconds",
+            ["model", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.job_duration = Histogram(
+            "saliency_job_duration_seconds",
+            "Jobs from start to their outcome, in seconds",
+            ["task", "state"],
+            buckets=JOB_BUCKETS,
+            registry=r,
         )
         self.jobs = Gauge("saliency_jobs", "Jobs by state", ["state"], registry=r)
         self.device_memory = Gauge(

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Path, Request
 
 from service.api.auth import KeyLimits
+from service.api.middleware import annotate
 from service.config import Settings
 from service.errors import NotReady
 from service.metrics import Metrics
@@ -58,9 +59,13 @@ ModelName = Annotated[
 ]
 
 
-def get_model(model: ModelName, registry: Annotated[ModelRegistry, Depends(get_registry)]) -> LoadedModel:
+def get_model(
+    request: Request, model: ModelName, registry: Annotated[ModelRegistry, Depends(get_registry)]
+) -> LoadedModel:
     """The path parameter ``{model}`` resolved; unknown names raise ``UnknownModel`` (404)."""
-    return registry.get(model)
+    loaded = registry.get(model)
+    annotate(request.scope, model=loaded.name)
+    return loaded
 
 
 def get_owner(request: Request) -> str | None:

@@ -9,6 +9,10 @@
   500 that carries no internals.
 - Request durations go to the Prometheus histogram, labelled from closed sets only: the route
   template (``unmatched`` for any path no route serves), a standard verb or ``other``, the status.
+- One log line per request (``service.logs``): ``request_id``, ``route`` (the template),
+  ``model`` and ``method`` (set by the routes through ``annotate`` once they are known and valid),
+  ``status``, ``duration_ms``, the verb and the caller's ``principal`` (a digest, never the key).
+  Nothing from the headers or the body.
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import problems
 from service.errors import PayloadTooLarge
+from service.logs import ACCESS_LOGGER
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger(ACCESS_LOGGER)
 
 REQUEST_ID_HEADER = "X-Request-ID"
 # the verbs a metrics label may name; any other (``curl -X ZZ123``) is counted as ``other``
@@ -121,9 +127,37 @@ class EdgeMiddleware:
         route = scope.get("route")
         template = getattr(route, "path", None) or "unmatched"
         verb = scope.get("method", "")
-        self.metrics.request_duration.labels(
-            method=verb if verb in STANDARD_VERBS else "other", route=template, status=str(status)
-        ).observe(seconds)
+        verb = verb if verb in STANDARD_VERBS else "other"
+        self.metrics.request_duration.labels(method=verb, route=template, status=str(status)).observe(seconds)
+        if access_log.isEnabledFor(logging.INFO):
+            notes = scope.get("state", {})
+            fields = {
+                "request_id": notes.get("request_id"),
+                "route": template,
+                "model": notes.get(LOG_MODEL),
+                "method": notes.get(LOG_METHOD),
+                "status": status,
+                "duration_ms": round(seconds * 1000.0, 1),
+                "http_method": verb,
+                "principal": notes.get("principal"),
+            }
+            access_log.info("%s %s %d %.1f ms", verb, template, status, seconds * 1000.0, extra=fields)
+
+
+# where a route notes the model and method of its request for the request's log line
+LOG_MODEL = "log_model"
+LOG_METHOD = "log_method"
+
+
+def annotate(scope: Scope, *, model: str | None = None, method: str | None = None) -> None:
+    """Note the request's model and (comma-separated) methods for its log line. Call it with
+    values already checked (a registry model, known method names): a log field is no place for
+    whatever a client sent."""
+    notes = scope.setdefault("state", {})
+    if model is not None:
+        notes[LOG_MODEL] = model
+    if method is not None:
+        notes[LOG_METHOD] = method
 
 
 def _too_large(limit: int, instance: str) -> problems.ProblemResponse:

@@ -28,26 +28,34 @@ from service.knobs import Knob, request_knobs
 def request_fields(declared: type) -> dict[str, Any]:
     """pydantic field definitions of the declared parameters a client may set.
 
-    A parameter with a server default is optional in a request (unset: the server's setting).
-    A parameter whose allowed values are known only at run time lists them as its ``enum``.
+    A parameter with a server default is optional in a request (unset: the server's setting),
+    and so is one with a per-method default (unset: the method's, which ``GET /v1/methods``
+    lists). A parameter whose allowed values are known only at run time lists them as its ``enum``.
     """
     return {k.name: (_annotation(k), _field(k)) for k in request_knobs(declared)}
 
 
+def _optional(k: Knob) -> bool:
+    return k.server_default or k.method_default
+
+
 def _annotation(k: Knob) -> Any:
-    annotation = k.annotation | None if k.server_default else k.annotation
+    annotation = k.annotation | None if _optional(k) else k.annotation
     if k.choices is None:
         return annotation
     return Annotated[annotation, AfterValidator(_one_of(k.name, k.choices))]
 
 
 def _field(k: Knob) -> Any:
+    doc = k.doc
+    if k.method_default and k.default is not None:
+        doc = f"{doc}; unset: the method's default (GET /v1/methods), {k.default} for most"
     return Field(
-        None if k.server_default else k.default,
+        None if _optional(k) else k.default,
         ge=k.ge,
         le=k.le,
         lt=k.lt,
-        description=k.doc,
+        description=doc,
         json_schema_extra=None if k.choices is None else {"enum": list(k.choices)},
     )
 
@@ -107,12 +115,19 @@ class TargetOptions(_EngineFields):
     top_k: int = Field(1, ge=1, description="explain the k best classes instead of one target")
 
     def engine_params(self, settings: Settings) -> ExplainParams:
-        """The engine's parameters: the request's, and the server's where it leaves them unset."""
+        """The engine's parameters: the request's, the server's where it leaves them unset, and
+        the ones with a per-method default it leaves unset named in ``unset`` (the engine fills
+        them in for each method: ``ExplainParams.for_method``)."""
         given = self.model_dump(include=set(field_order(ExplainParams)))
-        defaults = settings.engine_defaults()
-        return ExplainParams(
-            **{**defaults, **{k: v for k, v in given.items() if v is not None or k not in defaults}}
-        )
+        values: dict[str, Any] = settings.engine_defaults()
+        unset: list[str] = []
+        for k in request_knobs(ExplainParams):
+            value = given[k.name]
+            if value is None and k.method_default:
+                unset.append(k.name)
+            elif value is not None or not k.server_default:
+                values[k.name] = value
+        return ExplainParams(**values, unset=tuple(unset))
 
     def targets(self, images: int, num_classes: int) -> Targets:
         """The request's targets for ``images`` images, checked against the model's classes."""

@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from service.api.middleware import annotate
 from service.api.options import RequestOptions
 from service.api.problems import validation_errors
 from service.config import Settings
@@ -97,6 +98,8 @@ async def parse_request(
         options = None
     if errors or options is None:
         raise InvalidParameter(_summary(errors), errors=errors)
+    methods = getattr(options, "methods", None) or getattr(options, "method", None)
+    annotate(request.scope, method=methods if isinstance(methods, str) else None)  # validated names
     return ParsedRequest(options=options, images=images, accept=request.headers.get("accept"))
 
 

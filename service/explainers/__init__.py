@@ -15,6 +15,7 @@ from service.explainers import (  # importing a method module registers its meth
     path,  # noqa: F401
     perturbation,  # noqa: F401
     scorecam,  # noqa: F401
+    surrogate,  # noqa: F401
     xrai,  # noqa: F401
 )
 from service.explainers.base import (

@@ -16,16 +16,18 @@ import contextlib
 import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
 
+from service import knobs
 from service.errors import (
     Cancelled,
     DuplicateName,
+    InvalidParameter,
     MethodNotApplicable,
     SaliencyError,
     UnknownLayer,
@@ -446,6 +448,13 @@ class Method(ABC):
     #: is computed from the model's weights, so it should change as they are randomised. A method
     #: that does not read the weights (an edge detector) declares ``False``: it would fail it.
     sanity_check: ClassVar[bool] = True
+    #: its own defaults of parameters declared with a per-method default (``method_default``
+    #: knobs it ``uses``), as its paper or the authors' code sets them: they fill what a request
+    #: leaves unset (``ExplainParams.for_method``)
+    defaults: ClassVar[Mapping[str, Any]] = {}
+    #: its own upper bounds of parameters it ``uses``, tighter than the declared ones (which
+    #: allow what the most demanding method needs): ``check_limits`` refuses more
+    limits: ClassVar[Mapping[str, int | float]] = {}
 
     @property
     def needs_layer(self) -> bool:
@@ -496,8 +505,15 @@ class Method(ABC):
     def attribute(self, ctx: RunContext, x: Tensor, targets: Tensor) -> Attribution:
         """Attribute ``targets[i]`` for image ``x[i]``; ``x`` is (M, C, H, W) on the model's device."""
 
+    def check_limits(self, params: ExplainParams) -> None:
+        """``InvalidParameter`` naming the first parameter above this method's own bound."""
+        for name, top in self.limits.items():
+            value = getattr(params, name)
+            if value is not None and value > top:
+                raise InvalidParameter(f"{self.name}: {name} must be ≤ {top} (got {value})", field=name)
+
     def parameters_schema(self) -> dict[str, Any]:
-        return params_schema(self.uses)
+        return params_schema(self.uses, self.defaults, self.limits)
 
 
 def _named(params: ExplainParams) -> frozenset[str]:
@@ -513,6 +529,17 @@ def register(cls: M) -> M:
     """Class decorator: add one instance of ``cls`` to the registry under ``cls.name``."""
     if cls.name in _REGISTRY:
         raise DuplicateName(f"method {cls.name!r} is registered twice")
+    overridable = {k.name for k in knobs.knobs(ExplainParams) if k.method_default}
+    wrong = sorted(set(cls.defaults) - (overridable & cls.uses))
+    if wrong:
+        raise TypeError(
+            f"{cls.name}: defaults of parameters it does not use or without a per-method default: {wrong}"
+        )
+    ExplainParams(**cls.defaults)  # valid values (InvalidParameter otherwise)
+    if not set(cls.limits) <= cls.uses:
+        raise TypeError(
+            f"{cls.name}: limits of parameters it does not use: {sorted(set(cls.limits) - cls.uses)}"
+        )
     _REGISTRY[cls.name] = cls()
     return cls
 

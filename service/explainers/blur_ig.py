@@ -20,7 +20,8 @@ suffers no float32 cancellation.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -118,6 +119,7 @@ class BlurIntegratedGradients(PixelMethod):
     rendering = POSITIVE_ATTRIBUTION
     picks_targets = True
     uses: ClassVar[frozenset[str]] = frozenset({"steps", "max_sigma", "batch_size", "autocast"})
+    defaults: ClassVar[Mapping[str, Any]] = {"steps": 100}  # the authors' code
 
     def passes(self, params: ExplainParams) -> int:
         return params.steps + 2

@@ -55,7 +55,7 @@ def explain(
     n, k = _check_input(x, targets), targets.per_image
     if handle.input_size is None:  # a library caller's handle: measure the model at the size it is fed
         handle.input_size = (int(x.shape[1]), int(x.shape[2]), int(x.shape[3]))
-    params = resolve_params(m, handle, params or ExplainParams())
+    params = resolve_params(m, handle, params or ExplainParams.request())
     with handle.lock:
         ctx = RunContext(
             handle=handle,
@@ -74,11 +74,14 @@ def explain(
 
 
 def resolve_params(m: Method, handle: ModelHandle, params: ExplainParams) -> ExplainParams:
-    """The parameters a call runs with: the seed drawn when unset, the CAM layer resolved, and
+    """The parameters a call runs with: the method's defaults where the request left them unset
+    (``ExplainParams.for_method``) and within its own limits, the seed drawn when unset, the CAM layer resolved, and
     ``MethodNotApplicable`` unless the method applies to this model (its needs first, then its
     own ``check``), and ``batch_size`` clamped to what the model's memory budget allows
     (``ModelHandle.max_batch``: a memory knob, never a result one). The job service calls this at
     submission, so a job's seed and layer are fixed before it is queued."""
+    params = params.for_method(m.defaults)
+    m.check_limits(params)
     m.require(handle, params)
     if params.seed is None:
         params = params.with_(seed=secrets.randbits(62))

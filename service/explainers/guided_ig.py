@@ -17,7 +17,8 @@ each step's gradients run in chunks of ``batch_size`` pairs, then each pair move
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -90,6 +91,7 @@ class GuidedIntegratedGradients(PixelMethod):
     rendering = POSITIVE_ATTRIBUTION
     picks_targets = True
     uses: ClassVar[frozenset[str]] = frozenset({"steps", "fraction", "max_dist", "batch_size", "autocast"})
+    defaults: ClassVar[Mapping[str, Any]] = {"steps": 200}  # the authors' code
 
     def passes(self, params: ExplainParams) -> int:
         return params.steps + 2

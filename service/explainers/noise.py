@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar
 
@@ -37,7 +37,7 @@ from torch import Tensor
 from service.explainers.base import Attribution, Method, ModelHandle, RunContext, register
 from service.explainers.figures import GRADIENT_MAGNITUDE, SIGNED_ATTRIBUTION
 from service.explainers.gradient import EMPTY, InputGradientMethod, InputXGradient, PixelMethod, Saliency
-from service.explainers.params import ExplainParams
+from service.explainers.params import MAX_NOISE_SAMPLES, ExplainParams
 from service.explainers.path import IntegratedGradients, make_baseline
 
 NOISE_USES = frozenset({"samples", "noise_level", "seed"})
@@ -148,6 +148,7 @@ class NoiseTunnel(Method):
     """
 
     inner: ClassVar[PixelMethod]
+    limits: ClassVar[Mapping[str, int | float]] = {"samples": MAX_NOISE_SAMPLES}
     #: whether ``aggregate`` reads the mean of the squared attributions
     second_moment: ClassVar[bool] = False
 

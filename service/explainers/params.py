@@ -7,7 +7,8 @@ spec and the echo of resolved parameters follow from the declaration.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, get_args
 
 from service import knobs
@@ -22,7 +23,9 @@ RULES: tuple[str, ...] = get_args(Rule)
 HEAD_FUSIONS: tuple[str, ...] = get_args(HeadFusion)
 
 MAX_STEPS = 512
-MAX_SAMPLES = 256
+MAX_SAMPLES = 4096  # kernel_shap, lime
+MAX_NOISE_SAMPLES = 256  # the noise methods (``Method.limits``)
+MAX_SEGMENTS = 1024
 MAX_BATCH_SIZE = 1024
 MAX_LEGRAD_LAYERS = 64
 MAX_MASKS = 16384
@@ -40,10 +43,20 @@ class ExplainParams:
     """
 
     layer: str | None = knob(None, "dotted module name (CAM methods); unset: the model's")
-    steps: int = knob(32, "integration steps (path methods)", ge=1, le=MAX_STEPS)
-    samples: int = knob(16, "noisy samples (noise methods)", ge=1, le=MAX_SAMPLES)
+    steps: int = knob(32, "integration steps (path methods)", ge=1, le=MAX_STEPS, method_default=True)
+    samples: int = knob(
+        16,
+        "noisy samples (noise methods); perturbed samples (kernel_shap, lime)",
+        ge=1,
+        le=MAX_SAMPLES,
+        method_default=True,
+    )
     noise_level: float = knob(0.15, "σ as a fraction of the input's value range", ge=0.0, le=1.0)
-    baseline: Baseline = knob("black", f"path baseline: {', '.join(BASELINES)}")
+    baseline: Baseline = knob(
+        "black",
+        f"the reference input (path and perturbation methods): {', '.join(BASELINES)}",
+        method_default=True,
+    )
     rule: Rule = knob("gausslegendre", f"integration rule: {', '.join(RULES)}")
     head_fusion: HeadFusion = knob(
         "mean", f"how attention rollout fuses the heads: {', '.join(HEAD_FUSIONS)}"
@@ -62,6 +75,9 @@ class ExplainParams:
     masks: int = knob(4000, "RISE: random masks (the paper's N)", ge=1, le=MAX_MASKS)
     mask_cells: int = knob(7, "RISE: cells per side of each mask's grid (the paper's s)", ge=1, le=64)
     mask_p: float = knob(0.5, "RISE: probability that a grid cell is kept (the paper's p)", ge=0.01, le=1.0)
+    segments: int = knob(
+        50, "kernel_shap, lime: superpixels (SLIC) the image is split into", ge=2, le=MAX_SEGMENTS
+    )
     max_sigma: float = knob(
         50.0, "Blur IG: σ of the most blurred image on the path, in pixels", ge=0.01, le=MAX_SIGMA
     )
@@ -83,9 +99,31 @@ class ExplainParams:
         server_default=True,
     )
     autocast: bool = knob(False, "bf16 autocast (CUDA only)", request=False)
+    #: the parameters with a per-method default that a request left unset: ``for_method`` fills
+    #: them in from the method's ``defaults`` (``engine.resolve_params`` does, for each method of
+    #: a request). Empty for a library caller, whose values are taken as given, and once resolved.
+    unset: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
         knobs.check(self)
+        allowed = {k.name for k in knobs.knobs(ExplainParams) if k.method_default}
+        unset = tuple(sorted(set(self.unset)))  # a job spec read back from JSON gives a list
+        unknown = sorted(set(unset) - allowed)
+        if unknown:
+            raise ValueError(f"not parameters with a per-method default: {unknown}")
+        object.__setattr__(self, "unset", unset)
+
+    @classmethod
+    def request(cls, **given: Any) -> ExplainParams:
+        """A request's parameters: ``given``, and every per-method one it leaves out unset
+        (the method's default applies, as for an HTTP request)."""
+        names = [k.name for k in knobs.knobs(cls) if k.method_default and k.name not in given]
+        return cls(**given, unset=tuple(names))
+
+    def for_method(self, defaults: Mapping[str, Any]) -> ExplainParams:
+        """These parameters with the unset ones taken from a method's ``defaults`` (the others
+        keep their declared default), and nothing left unset."""
+        return replace(self, **{k: v for k, v in defaults.items() if k in self.unset}, unset=())
 
     def with_(self, **changes: Any) -> ExplainParams:
         return replace(self, **changes)
@@ -99,7 +137,19 @@ class ExplainParams:
         return {k.name: getattr(self, k.name) for k in knobs.request_knobs(ExplainParams)}
 
 
-def params_schema(names: frozenset[str]) -> dict[str, Any]:
-    """JSON Schema of the named request parameters (a method's ``uses``; ``GET /v1/methods``)."""
-    props = {k.name: knobs.schema(k) for k in knobs.request_knobs(ExplainParams) if k.name in names}
+def params_schema(
+    names: frozenset[str],
+    defaults: Mapping[str, Any] | None = None,
+    limits: Mapping[str, int | float] | None = None,
+) -> dict[str, Any]:
+    """JSON Schema of the named request parameters (a method's ``uses``; ``GET /v1/methods``),
+    with the method's own ``defaults`` and upper ``limits`` in place of the declared ones."""
+    props: dict[str, Any] = {}
+    for k in knobs.request_knobs(ExplainParams):
+        if k.name in names:
+            props[k.name] = knobs.schema(k)
+            if defaults and k.name in defaults:
+                props[k.name]["default"] = defaults[k.name]
+            if limits and k.name in limits:
+                props[k.name]["maximum"] = limits[k.name]
     return {"type": "object", "properties": props}

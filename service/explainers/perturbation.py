@@ -9,7 +9,8 @@ for top-1, chooses) the targets, so the engine runs none of its own (``picks_tar
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -77,11 +78,8 @@ class Occlusion(Method):
     pixel, the map is the drop of the target's logit, f(x) − f(x with the window occluded),
     averaged over the windows covering it; a pixel no window covers (the right/bottom margin when
     the stride does not reach it) gets 0, where Captum returns NaN. Signed (a patch can raise the
-    logit). Passes per pair: the windows + 1 (the clean forward).
-
-    Deviation from the issue: the default ``baseline`` is the shared parameter's (``black``), as
-    engine parameters have one default for every method; ask for ``baseline=mean`` for the grey
-    square of the paper.
+    logit). Passes per pair: the windows + 1 (the clean forward). The default ``baseline`` is
+    ``mean``: the paper's grey square.
 
     Shown by default as the paper's Fig. 7 draws its occlusion maps: a heatmap over the photo
     (``figures.CAM_HEATMAP``; its positive part: where occluding lowers the class's score).
@@ -98,6 +96,7 @@ class Occlusion(Method):
     uses: ClassVar[frozenset[str]] = frozenset(
         {"window", "stride", "baseline", "seed", "batch_size", "autocast"}
     )
+    defaults: ClassVar[Mapping[str, Any]] = {"baseline": "mean"}
 
     def check(self, handle: ModelHandle, params: ExplainParams) -> None:
         if handle.input_size is not None:

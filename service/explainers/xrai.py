@@ -26,7 +26,8 @@ reads every region's pixels once instead of once per step.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -139,6 +140,7 @@ class Xrai(Method):
     picks_targets = True
     rendering = CAM_HEATMAP
     uses: ClassVar[frozenset[str]] = frozenset({"steps", "rule", "batch_size", "autocast"})
+    defaults: ClassVar[Mapping[str, Any]] = {"steps": 100}  # the authors' code
 
     _ig: ClassVar[IntegratedGradients] = IntegratedGradients()
 

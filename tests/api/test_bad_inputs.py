@@ -163,6 +163,10 @@ ABSURD = [
     ({"steps": "0"}, "steps"),
     ({"samples": "100000"}, "samples"),
     ({"samples": "-1"}, "samples"),
+    ({"method": "smoothgrad", "samples": "257"}, "samples"),  # the noise methods' own bound
+    ({"method": "lime", "samples": "5000"}, "samples"),
+    ({"method": "kernel_shap", "segments": "1"}, "segments"),
+    ({"method": "kernel_shap", "segments": "100000"}, "segments"),
     ({"noise_level": "abc"}, "noise_level"),
     ({"noise_level": "5"}, "noise_level"),
     ({"alpha": "7"}, "alpha"),

@@ -128,3 +128,13 @@ def test_entrypoint_openapi_documents_the_job_routes() -> None:
     out = run_entrypoint("openapi", SALIENCY_WARMUP="false")
     assert out.returncode == 0, out.stderr
     assert '"/v1/jobs/{job_id}/result"' in out.stdout
+
+
+def test_containers_log_json_and_a_terminal_text(compose: dict[str, Any], dockerfile: str) -> None:
+    from service.config import Settings
+
+    assert re.search(r"^\s+SALIENCY_LOG_FORMAT=json\b", dockerfile, re.M)
+    for name in ("api", "worker"):
+        fmt = compose["services"][name]["environment"]["SALIENCY_LOG_FORMAT"]
+        assert Settings(log_format=fmt).log_format == "json"
+    assert Settings.model_fields["log_format"].default == "text"

@@ -27,6 +27,7 @@ from starlette.responses import JSONResponse, Response
 
 from service.api import budget, pipeline
 from service.api.deps import OwnerDep, ServicesDep
+from service.api.middleware import annotate
 from service.api.openapi import image_request_body
 from service.api.options import JobOptions, evaluate_params, render_query
 from service.api.pipeline import Prepared
@@ -219,6 +220,8 @@ async def submit_job(request: Request, services: ServicesDep, jobs: JobsDep, own
         request, JobOptions, settings, image_field="images", many=True, max_images=settings.job_max_images
     )
     options = parsed.options
+    if options.model in services.require_registry().names():  # a known name only, for the log line
+        annotate(request.scope, model=options.model)
     if options.score:
         raise InvalidParameter(
             "score is for the synchronous explain route; submit task=evaluate", field="score"

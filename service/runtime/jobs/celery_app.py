@@ -28,12 +28,16 @@ import logging
 import os
 import socket
 from collections.abc import Sequence
-from typing import Any
+from typing import IO, Any
 
 import torch
 from celery import Celery
+from celery.signals import setup_logging
+from prometheus_client import start_http_server
 
 from service.config import Settings
+from service.logs import configure_logging
+from service.metrics import Metrics
 from service.runtime.jobs.redis_store import RedisJobStore
 from service.runtime.jobs.runner import JobRunner
 from service.runtime.jobs.store import JobStore
@@ -114,7 +118,21 @@ def _run_job(job_id: str) -> None:
         )
 
 
-def worker_runner(settings: Settings, store: JobStore, registry: Any) -> JobRunner:
+def worker_logging(settings: Settings, stream: IO[str] | None = None) -> None:
+    """The worker's logging: ``configure_logging`` as in the API (``SALIENCY_LOG_FORMAT``), and a
+    receiver of Celery's ``setup_logging`` signal, with which Celery leaves logging alone: its
+    records and the tasks' go through the same handler instead of Celery's own."""
+    configure_logging(settings.log_level, settings.log_format, stream)
+    setup_logging.connect(_keep_logging, weak=False)
+
+
+def _keep_logging(**_kwargs: Any) -> None:
+    """Celery's ``setup_logging`` receiver: logging is configured already (``worker_logging``)."""
+
+
+def worker_runner(
+    settings: Settings, store: JobStore, registry: Any, metrics: Metrics | None = None
+) -> JobRunner:
     """The job runner of a worker process: the registry's own handles, a lease heartbeat."""
 
     def lookup(name: str) -> tuple[Any, Any]:
@@ -127,6 +145,7 @@ def worker_runner(settings: Settings, store: JobStore, registry: Any) -> JobRunn
         models=lookup,
         worker=f"{socket.gethostname()}:{os.getpid()}",
         heartbeat_s=max(0.25, settings.job_lease_s / 4),
+        metrics=metrics,
     )
 
 
@@ -154,9 +173,7 @@ def run_worker(settings: Settings, argv: Sequence[str] = ()) -> int:
     global _runner
     from service.models.registry import ModelRegistry
 
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    worker_logging(settings)
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     registry = ModelRegistry.from_settings(settings)
@@ -165,7 +182,12 @@ def run_worker(settings: Settings, argv: Sequence[str] = ()) -> int:
     else:
         registry.mark_ready()
     store = make_store(settings)
-    _runner = worker_runner(settings, store, registry)
+    metrics = Metrics()
+    if settings.worker_metrics_port is not None:
+        # compute and job durations are measured where jobs run: scrape each worker for them
+        start_http_server(settings.worker_metrics_port, registry=metrics.registry)
+        log.info("worker metrics on :%d/metrics", settings.worker_metrics_port)
+    _runner = worker_runner(settings, store, registry, metrics)
     app = make_celery(settings)
     log.info("worker ready: models %s on queue %s", ", ".join(registry.names()), queue_name(settings))
     app.worker_main(worker_argv(settings, argv))

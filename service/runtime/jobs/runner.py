@@ -32,11 +32,11 @@ from service.evaluation import EvaluateParams, evaluate, report
 from service.explainers import ExplainParams, Explanation, ModelHandle, Targets, explain, get_method, predict
 from service.imaging.decode import decode_upload
 from service.imaging.geometry import Geometry
-from service.metrics import Metrics
+from service.metrics import JOB_TASKS, Metrics
 from service.models.registry import LoadedModel
 from service.runtime.jobs.result import JobResult, concat, encode
 from service.runtime.jobs.store import JobRecord, JobSpec, JobStatus, JobStore, error_info
-from service.runtime.sync.devices import PriorityGate
+from service.runtime.sync.devices import PriorityGate, observe_compute
 
 log = logging.getLogger(__name__)
 
@@ -141,22 +141,62 @@ class JobRunner:
                 )
             self._check_size(blob)
         except Cancelled:
-            log.info("job %s stopped: %s", record.id, "lost its lease" if lease.lost.is_set() else "shutdown")
+            self._observe(record, "stopped", started)
+            log.info(
+                "job %s stopped: %s",
+                record.id,
+                "lost its lease" if lease.lost.is_set() else "shutdown",
+                extra=self._fields(record, "stopped", started),
+            )
             return None
         except SaliencyError as exc:
-            log.info("job %s failed: %s", record.id, exc.message)
+            log.info(
+                "job %s failed: %s", record.id, exc.message, extra=self._fields(record, "failed", started)
+            )
             status, error = "failed", error_info(exc)
         except torch.OutOfMemoryError:
-            log.warning("job %s ran out of device memory", record.id)
+            log.warning(
+                "job %s ran out of device memory", record.id, extra=self._fields(record, "failed", started)
+            )
             status, error = "failed", out_of_memory_error(spec.explain_params())
         except Exception:
-            log.exception("job %s failed unexpectedly", record.id)
+            log.exception(
+                "job %s failed unexpectedly", record.id, extra=self._fields(record, "failed", started)
+            )
             status, error = "failed", internal_error(record.id)
         else:
             ok = self._finish(lease, "succeeded", result=blob)
-            log.info("job %s succeeded in %.0f ms%s", record.id, elapsed_ms, "" if ok else " (too late)")
+            self._observe(record, "succeeded", started)
+            log.info(
+                "job %s succeeded in %.0f ms%s",
+                record.id,
+                elapsed_ms,
+                "" if ok else " (too late)",
+                extra=self._fields(record, "succeeded", started),
+            )
             return "succeeded" if ok else None
+        self._observe(record, status, started)
         return status if self._finish(lease, status, error=error) else None
+
+    def _observe(self, record: JobRecord, outcome: str, started: float) -> None:
+        """The job's run time in ``saliency_job_duration_seconds`` (task and outcome: closed sets)."""
+        if self.metrics is not None:
+            task = record.spec.task if record.spec.task in JOB_TASKS else "explain"
+            self.metrics.job_duration.labels(task=task, state=outcome).observe(time.perf_counter() - started)
+
+    @staticmethod
+    def _fields(record: JobRecord, outcome: str, started: float) -> dict[str, Any]:
+        """The structured fields of a job's outcome log line."""
+        spec = record.spec
+        return {
+            "job_id": record.id,
+            "task": spec.task,
+            "model": spec.model,
+            "method": ",".join(spec.methods or [spec.method]),
+            "images": spec.images,
+            "state": outcome,
+            "duration_ms": round((time.perf_counter() - started) * 1000.0, 1),
+        }
 
     def _check_size(self, blob: bytes) -> None:
         limit = self.settings.job_max_result_bytes
@@ -217,14 +257,18 @@ class JobRunner:
         targets = spec.target_set()
         gate = self.gate(handle)
         done = 0
+        outside = 0.0  # seconds of the current chunk spent reporting and yielding, not computing
 
         def cancelled() -> bool:
             return lease.lost.is_set() or self.stopping.is_set()
 
         def progress(fraction: float) -> None:
+            nonlocal outside
+            t0 = time.perf_counter()
             self._report(lease, (done + fraction * min(group, n - done)) / n)
             if gate is not None:
                 gate.yield_to_foreground(MAX_YIELD_S)
+            outside += time.perf_counter() - t0
 
         parts: list[Explanation] = []
         for start in range(0, n, group):
@@ -233,6 +277,7 @@ class JobRunner:
             if cancelled():
                 raise Cancelled("the job was cancelled")
             stop = min(n, start + group)
+            outside, t0 = 0.0, time.perf_counter()
             parts.append(
                 explain(
                     handle,
@@ -244,6 +289,7 @@ class JobRunner:
                     cancel=cancelled,
                 )
             )
+            observe_compute(self.metrics, spec.model, spec.method, time.perf_counter() - t0 - outside)
             done = stop
         return concat(parts)
 
@@ -278,7 +324,11 @@ class JobRunner:
             xi = x[i : i + 1]
             target = spec.targets[0] if spec.targets else int(predict(handle, xi).argmax(dim=1)[0])
             given = Targets.given([[target]])
-            explanations = [explain(handle, xi, m, params, targets=given, cancel=cancelled) for m in methods]
+            explanations = []
+            for m in methods:
+                t0 = time.perf_counter()
+                explanations.append(explain(handle, xi, m, params, targets=given, cancel=cancelled))
+                observe_compute(self.metrics, spec.model, m, time.perf_counter() - t0)
             ev = evaluate(
                 handle,
                 xi,

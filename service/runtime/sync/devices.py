@@ -130,10 +130,11 @@ class DeviceWorker:
                 sum(r.size for r in requests)
             )
         if len(requests) == 1:
-            _explain_alone(requests[0])
+            _explain_alone(requests[0], self.metrics)
             return
         head = requests[0]
         x, targets = combine(requests)
+        started = time.perf_counter()
         try:
             out = explain(
                 head.handle,
@@ -154,17 +155,28 @@ class DeviceWorker:
             # each runs alone and gets its own answer or its own error
             log.debug("batch of %d failed (%r); running its requests one by one", len(requests), exc)
             for r in requests:
-                _explain_alone(r)
+                _explain_alone(r, self.metrics)
             return
+        observe_compute(self.metrics, head.handle.name, head.method, time.perf_counter() - started)
         for r, part in zip(requests, split(out, requests), strict=True):
             r.future.set_result(part)
 
 
-def _explain_alone(r: ExplainRequest) -> None:
+def _explain_alone(r: ExplainRequest, metrics: Metrics | None) -> None:
     def run(is_cancelled: Any) -> Any:
-        return explain(r.handle, r.x, r.method, r.params, targets=r.targets, cancel=is_cancelled)
+        started = time.perf_counter()
+        out = explain(r.handle, r.x, r.method, r.params, targets=r.targets, cancel=is_cancelled)
+        observe_compute(metrics, r.handle.name, r.method, time.perf_counter() - started)
+        return out
 
     _call(r.future, run, r.stop.is_set)
+
+
+def observe_compute(metrics: Metrics | None, model: str, method: str, seconds: float) -> None:
+    """One engine call's time in ``saliency_compute_seconds`` (model and method: the registry's
+    and the method registry's names, checked before the work was queued)."""
+    if metrics is not None:
+        metrics.compute.labels(model=model, method=method).observe(seconds)
 
 
 #: how long a client should wait after the device ran out of memory
