@@ -123,7 +123,7 @@ def test_json_minmax_range_and_parameters(client: TestClient, png_bytes: bytes, 
     assert set(params) == {
         "method", "target", "top_k", "layer", "steps", "samples", "noise_level", "baseline", "rule",
         "head_fusion", "discard_ratio", "legrad_layers", "window", "stride", "masks", "mask_cells", "mask_p",
-        "max_sigma", "fraction", "max_dist", "seed", "batch_size", "resolution", "colormap",
+        "segments", "max_sigma", "fraction", "max_dist", "seed", "batch_size", "resolution", "colormap",
         "alpha", "polarity", "clip_lower", "clip_upper", "style", "keep", "smooth", "reduction",
         "normalize", "format",
     }  # fmt: skip

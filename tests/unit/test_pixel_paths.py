@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from service.explainers import ExplainParams, ModelHandle, Targets, explain, get_method
 from service.explainers.blur_ig import blur_matrix
+from service.explainers.engine import resolve_params
 from service.explainers.pixels import to_input
 from service.explainers.xrai import segment_masks, xrai_regions
 
@@ -276,6 +277,15 @@ def test_segments_cover_the_image_at_every_scale() -> None:
     masks = segment_masks(pixel_images(1, 32, seed=9)[0])
     assert masks.shape[1] == 32 * 32 and masks.any(axis=0).all()
     assert masks.shape[0] >= 6  # at least one region per scale
+
+
+@pytest.mark.parametrize(("method", "steps"), [("blur_ig", 100), ("guided_ig", 200), ("xrai", 100)])
+def test_steps_default_to_the_authors_unless_given(method: str, steps: int) -> None:
+    handle = ModelHandle(small_cnn(), input_size=(3, 32, 32), optimize=False)
+    m = get_method(method)
+    assert resolve_params(m, handle, ExplainParams.request()).steps == steps
+    assert resolve_params(m, handle, ExplainParams.request(steps=7)).steps == 7
+    assert m.parameters_schema()["properties"]["steps"]["default"] == steps
 
 
 def test_costs_and_knobs() -> None:
