@@ -139,7 +139,7 @@ class BlurIntegratedGradients(PixelMethod):
         total = torch.zeros_like(x)
         for sl in ctx.chunks(m * steps):
             flat = torch.arange(sl.start, sl.stop, device=x.device)
-            pair, step = flat // steps, flat % steps
+            step, pair = flat // m, flat % m  # step-major: a chunk's pairs share the blur matrices
             rows = torch.empty((sl.stop - sl.start, c, h, w), device=x.device)
             rates = torch.empty_like(rows)
             for s in torch.unique(step).tolist():
