@@ -1,0 +1,122 @@
+"""``saliency explain PATH...``: every image of the paths explained, one output file each.
+
+Outputs go under ``--out`` as ``<name>.<method>.png`` (``.overlay.png``, ``.json``, ``.npy``),
+a folder's images keeping their place relative to it. A progress bar (stderr) shows images/s and
+the ETA; a summary table (stdout) ends the run; each file that failed gets one line on stderr
+saying why, and the exit status is 1 (2: nothing could run at all, e.g. an unknown model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+import httpx
+from rich.console import Console
+from saliency_client import Client, SaliencyClientError
+
+from service.cli.inputs import Source, expand
+from service.cli.outcome import Outcome, Report
+from service.cli.params import given
+from service.cli.progress import progress_bar, show, table
+from service.cli.remote import describe
+from service.config import Settings
+from service.errors import SaliencyError
+
+SUFFIX = {"png": ".png", "overlay": ".overlay.png", "json": ".json", "npy": ".npy"}
+
+
+class Runner(Protocol):
+    @property
+    def method(self) -> str: ...
+
+    def run(self, sources: list[Source], report: Report) -> Iterator[Outcome]: ...
+
+
+def output_path(out: Path, source: Source, method: str, fmt: str) -> Path:
+    return out / source.stem.parent / f"{source.stem.name}.{method}{SUFFIX[fmt]}"
+
+
+def run(settings: Settings, args: argparse.Namespace) -> int:
+    err = Console(stderr=True)
+    sources, missing = expand(args.paths)
+    if not sources and not missing:
+        err.print(f"saliency: no images in {' '.join(args.paths)}", markup=False, highlight=False)
+        return 2
+    params = given(args)
+    client: Client | None = None
+    try:
+        if args.url:
+            from service.cli.remote import RemoteRunner
+
+            client = Client(args.url, api_key=args.api_key, timeout=args.timeout)
+            runner: Runner = RemoteRunner(
+                client,
+                args.model,
+                args.method,
+                args.format,
+                params,
+                job_threshold=args.job_threshold,
+                job_size=args.job_size,
+            )
+        else:
+            from service.cli.local import LocalRunner
+
+            runner = LocalRunner(settings, args.model, args.method, args.format, params)
+        outcomes = [Outcome(Source(path, path), reason=why) for path, why in missing]
+        started = time.perf_counter()
+        outcomes += _explain(runner, sources, Path(args.out), args.format, err)
+        wall = time.perf_counter() - started
+    except SaliencyError as exc:
+        err.print(f"saliency: {exc.message}", markup=False, highlight=False)
+        return 2
+    except (SaliencyClientError, httpx.HTTPError) as exc:
+        err.print(f"saliency: {args.url}: {describe(exc)}", markup=False, highlight=False)
+        return 2
+    finally:
+        if client is not None:
+            client.close()
+    failed = [o for o in outcomes if not o.ok]
+    written = len(outcomes) - len(failed)
+    rows = [
+        ["model", args.model],
+        ["method", runner.method],
+        ["format", args.format],
+        ["where", args.url or "this process"],
+        ["images", len(outcomes)],
+        ["written", written],
+        ["failed", len(failed)],
+        ["time", f"{wall:.1f} s"],
+        ["images/s", f"{len(sources) / wall:.2f}" if wall > 0 else "–"],
+        ["output", args.out],
+    ]
+    show(table("saliency explain", ["", ""], rows, header=False))
+    for o in failed:
+        err.print(f"saliency: {o.source.path}: {o.reason}", markup=False, highlight=False, soft_wrap=True)
+    return 1 if failed else 0
+
+
+def _explain(runner: Runner, sources: list[Source], out: Path, fmt: str, err: Console) -> list[Outcome]:
+    outcomes: list[Outcome] = []
+    with progress_bar(err) as bar:
+        task = bar.add_task(f"{runner.method}", total=len(sources))
+
+        def report(done: float) -> None:
+            bar.update(task, completed=max(done, len(outcomes)))
+
+        for outcome in runner.run(sources, report):
+            if outcome.data is not None:
+                path = output_path(out, outcome.source, runner.method, fmt)
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_bytes(outcome.data)
+                    outcome.written = path
+                except OSError as exc:
+                    outcome.reason = f"cannot write {path}: {exc.strerror or exc}"
+                outcome.data = None
+            outcomes.append(outcome)
+            bar.update(task, completed=max(len(outcomes), bar.tasks[0].completed))
+    return outcomes
