@@ -23,7 +23,7 @@ from service.api.responses import dumps, explain_body, npy_bytes, png_bytes
 from service.cli.inputs import Source
 from service.cli.outcome import Outcome, Report, batched, target_text
 from service.config import Settings
-from service.errors import InvalidParameter, SaliencyError
+from service.errors import InvalidParameter, MethodNotApplicable, SaliencyError
 from service.explainers import Explanation, Targets, get_method
 from service.explainers import explain as run_engine
 from service.explainers.engine import resolve_params
@@ -50,19 +50,18 @@ class LocalRunner:
         self.fmt = fmt
         self.options = options
         self.model = ModelRegistry.from_settings(settings, only=[model]).get(model)
-        self.render = options.render().resolve(get_method(options.method).rendering)
+        chosen = get_method(options.method)
+        self.render = options.render().resolve(chosen.rendering)
         if self.render.reduction == "none" and fmt in ("png", "overlay"):
             raise InvalidParameter("--reduction none needs --format json or npy")
-        available = self.model.methods()
-        if options.method not in available:
-            raise InvalidParameter(
-                f"method {options.method!r} does not work on model {model!r}; it offers {', '.join(available)}"
+        if not chosen.offered(self.model.handle):  # this method only: probing them all takes long
+            raise MethodNotApplicable(
+                f"method {chosen.name!r} does not work on model {model!r}; "
+                f"it offers {', '.join(self.model.methods())}"
             )
         options.targets(1, self.model.num_classes)  # a target out of range fails every file
         # seed drawn and layer resolved once: every batch runs with the same parameters
-        self.params = resolve_params(
-            get_method(options.method), self.model.handle, options.engine_params(settings)
-        )
+        self.params = resolve_params(chosen, self.model.handle, options.engine_params(settings))
 
     @property
     def method(self) -> str:

@@ -147,6 +147,9 @@ def test_explain_refuses_what_no_file_can_pass(
         assert len(err.splitlines()) == 1 and "no model named 'nope'" in err and "tiny" in err
     assert main(explain(folder, tmp_path, "--steps", "0", "--method", "integrated_gradients")) == 2
     assert "--steps" in capsys.readouterr().err
+    assert main(explain(folder, tmp_path, "--method", "attention_rollout")) == 2  # a ResNet has none
+    err = capsys.readouterr().err
+    assert "'attention_rollout' does not work on model 'tiny'" in err and "gradcam" in err
     assert main(["explain", str(tmp_path / "missing.png"), "--model", "tiny", "--out", str(tmp_path)]) == 1
     assert "no such file" in capsys.readouterr().err
     assert not list(tmp_path.rglob("*.png"))
