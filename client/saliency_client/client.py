@@ -187,7 +187,8 @@ class Client:
         self, job: Job | str, *, format: str | None = None, index: int | None = None, **params: ParamValue
     ) -> ExplainResult:
         """``GET /v1/jobs/{id}/result``: JSON (default: every image, each entry's ``image_index``),
-        or ``png``/``overlay``/``npy`` of image ``index``; rendering ``params`` override the job's."""
+        or ``png``/``overlay``/``npy`` of image ``index``; rendering ``params`` override the job's.
+        A ``task="evaluate"`` job's scores are in ``raw`` (no ``explanations``)."""
         return self._send(_core.result(job, format, index, params))
 
 

@@ -8,7 +8,10 @@ model or job; the problem ``type`` (``urn:saliency:problem:<code>``) says which.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from saliency_client.types import Job
 
 TYPE_PREFIX = "urn:saliency:problem:"
 
@@ -137,7 +140,7 @@ def error_class(status: int) -> type[ProblemError]:
 class JobFailed(SaliencyClientError):
     """``wait`` saw the job end without success: failed (``problem`` says why) or cancelled."""
 
-    def __init__(self, job: Any, problem: ProblemError | None) -> None:
+    def __init__(self, job: Job, problem: ProblemError | None) -> None:
         self.job = job
         self.problem = problem
         why = f": {problem.detail}" if problem is not None else ""
@@ -147,6 +150,6 @@ class JobFailed(SaliencyClientError):
 class JobTimeout(SaliencyClientError):
     """``wait`` gave up: the job had not finished within its ``timeout``."""
 
-    def __init__(self, job: Any, timeout: float) -> None:
+    def __init__(self, job: Job, timeout: float) -> None:
         self.job = job
         super().__init__(f"job {job.id} still {job.status} after {timeout:g} s")
