@@ -42,7 +42,7 @@ def output_path(out: Path, source: Source, method: str, fmt: str) -> Path:
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
     err = Console(stderr=True)
-    sources, missing = expand(args.paths)
+    sources, missing = expand(args.paths, skip=Path(args.out))
     if not sources and not missing:
         err.print(f"saliency: no images in {' '.join(args.paths)}", markup=False, highlight=False)
         return 2

@@ -18,16 +18,24 @@ class Source:
     stem: PurePath
 
 
-def expand(paths: Sequence[str]) -> tuple[list[Source], list[tuple[Path, str]]]:
+def expand(paths: Sequence[str], skip: Path | None = None) -> tuple[list[Source], list[tuple[Path, str]]]:
     """The image files of ``paths`` (folders searched recursively, sorted) and the paths that do
     not exist. A file found in folder ``F`` keeps its place relative to ``F`` in the outputs;
-    two inputs that would write the same output get ``-2``, ``-3``… suffixes."""
+    two inputs that would write the same output get ``-2``, ``-3``… suffixes. Folder ``skip``
+    (the output folder) is not searched: a second run never explains the first one's outputs."""
     found: list[tuple[Path, PurePath]] = []
     missing: list[tuple[Path, str]] = []
+    skipped = None if skip is None else skip.resolve()
+
+    def taken_from_folder(p: Path) -> bool:
+        if not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES:
+            return False
+        return skipped is None or not p.resolve().is_relative_to(skipped)
+
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            files = sorted(p for p in path.rglob("*") if taken_from_folder(p))
             found.extend((p, p.relative_to(path).with_suffix("")) for p in files)
         elif path.is_file():
             found.append((path, PurePath(path.stem)))
