@@ -36,6 +36,11 @@ class Runner(Protocol):
     def run(self, sources: list[Source], report: Report) -> Iterator[Outcome]: ...
 
 
+def say(console: Console, line: str) -> None:
+    """One line as it is: no markup, no highlighting, never wrapped."""
+    console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
 def output_path(out: Path, source: Source, method: str, fmt: str) -> Path:
     return out / source.stem.parent / f"{source.stem.name}.{method}{SUFFIX[fmt]}"
 
@@ -44,7 +49,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     err = Console(stderr=True)
     sources, missing = expand(args.paths, skip=Path(args.out))
     if not sources and not missing:
-        err.print(f"saliency: no images in {' '.join(args.paths)}", markup=False, highlight=False)
+        say(err, f"saliency: no images in {' '.join(args.paths)}")
         return 2
     params = given(args)
     client: Client | None = None
@@ -71,10 +76,10 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         outcomes += _explain(runner, sources, Path(args.out), args.format, err)
         wall = time.perf_counter() - started
     except SaliencyError as exc:
-        err.print(f"saliency: {exc.message}", markup=False, highlight=False)
+        say(err, f"saliency: {exc.message}")
         return 2
     except (SaliencyClientError, httpx.HTTPError) as exc:
-        err.print(f"saliency: {args.url}: {describe(exc)}", markup=False, highlight=False)
+        say(err, f"saliency: {args.url}: {describe(exc)}")
         return 2
     finally:
         if client is not None:
@@ -95,7 +100,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     ]
     show(table("saliency explain", ["", ""], rows, header=False))
     for o in failed:
-        err.print(f"saliency: {o.source.path}: {o.reason}", markup=False, highlight=False, soft_wrap=True)
+        say(err, f"saliency: {o.source.path}: {o.reason}")
     return 1 if failed else 0
 
 
@@ -107,16 +112,25 @@ def _explain(runner: Runner, sources: list[Source], out: Path, fmt: str, err: Co
         def report(done: float) -> None:
             bar.update(task, completed=max(done, len(outcomes)))
 
-        for outcome in runner.run(sources, report):
-            if outcome.data is not None:
-                path = output_path(out, outcome.source, runner.method, fmt)
-                try:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    path.write_bytes(outcome.data)
-                    outcome.written = path
-                except OSError as exc:
-                    outcome.reason = f"cannot write {path}: {exc.strerror or exc}"
-                outcome.data = None
-            outcomes.append(outcome)
-            bar.update(task, completed=max(len(outcomes), bar.tasks[0].completed))
+        try:
+            for outcome in runner.run(sources, report):
+                _write(outcome, output_path(out, outcome.source, runner.method, fmt))
+                outcomes.append(outcome)
+                bar.update(task, completed=max(len(outcomes), bar.tasks[0].completed))
+        except BaseException:
+            bar.update(task, visible=False)  # a run that cannot go on ends on one line saying why
+            raise
     return outcomes
+
+
+def _write(outcome: Outcome, path: Path) -> None:
+    """The outcome's bytes to ``path`` (a failure to write becomes the file's failure)."""
+    if outcome.data is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(outcome.data)
+        outcome.written = path
+    except OSError as exc:
+        outcome.reason = f"cannot write {path}: {exc.strerror or exc}"
+    outcome.data = None

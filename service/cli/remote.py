@@ -36,6 +36,30 @@ def describe(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+#: problem types of a request, not of its image: every file would get them, so the run stops
+REQUEST_PROBLEMS = frozenset(
+    {
+        "invalid-parameter",
+        "unknown-method",
+        "unknown-layer",
+        "method-not-applicable",
+        "target-out-of-range",
+        "too-heavy",
+        "unknown-model",
+        "unauthorized",
+        "not-acceptable",
+    }
+)
+
+
+def about_the_request(exc: ProblemError) -> bool:
+    """The service refused the request itself (parameters, model, key), not one image of it."""
+    if exc.status in (401, 403):
+        return True
+    fields = [str(e.get("field", "")) for e in exc.errors]
+    return exc.code in REQUEST_PROBLEMS and not any(f == "image" or f.startswith("images") for f in fields)
+
+
 class RemoteRunner:
     """Explains files with one model and method on the service at the client's URL."""
 
@@ -74,9 +98,15 @@ class RemoteRunner:
 
     # --------------------------------------------------------------------------------------------
     def _one(self, source: Source) -> Outcome:
+        """One file, one request. A refusal of the request itself (``about_the_request``) is
+        raised: it ends the run."""
         try:
             data = source.path.read_bytes()
             r = self.client.explain(self.model, data, method=self.method, format=self.fmt, **self.params)
+        except ProblemError as exc:
+            if about_the_request(exc):
+                raise
+            return Outcome(source, reason=describe(exc))
         except (SaliencyClientError, httpx.HTTPError, OSError) as exc:
             return Outcome(source, reason=describe(exc))
         return Outcome(source, data=self._bytes(r), target=_target(r))
@@ -108,6 +138,8 @@ class RemoteRunner:
             except ProblemError as exc:
                 bad = {int(m.group(1)) for e in exc.errors if (m := _IMAGE_FIELD.match(str(e.get("field"))))}
                 bad &= set(range(len(pending)))
+                if not bad and about_the_request(exc):
+                    raise
                 if not bad:
                     for source, _ in pending:
                         yield Outcome(source, reason=describe(exc))

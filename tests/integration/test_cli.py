@@ -145,8 +145,12 @@ def test_explain_refuses_what_no_file_can_pass(
         assert main(explain(folder, tmp_path, "--model", "nope", *where)) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "no model named 'nope'" in err and "tiny" in err
-    assert main(explain(folder, tmp_path, "--steps", "0", "--method", "integrated_gradients")) == 2
-    assert "--steps" in capsys.readouterr().err
+    for where in ([], remote(url), [*remote(url), "--job-threshold", "0"]):
+        assert (
+            main(explain(folder, tmp_path, "--steps", "0", "--method", "integrated_gradients", *where)) == 2
+        )
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "steps" in err, err
     assert main(explain(folder, tmp_path, "--method", "attention_rollout")) == 2  # a ResNet has none
     err = capsys.readouterr().err
     assert "'attention_rollout' does not work on model 'tiny'" in err and "gradcam" in err
