@@ -89,9 +89,9 @@ def _explain(settings: Settings, args: argparse.Namespace) -> int:
 def _first_model(settings: Settings, args: argparse.Namespace) -> str:
     """``--model`` left out: the first model configured (here, or on the service at ``--url``)."""
     if args.url:
-        from saliency_client import Client
+        from service.cli.remote import connect
 
-        with Client(args.url, api_key=args.api_key, timeout=args.timeout) as client:
+        with connect(args) as client:
             return client.models()[0].name
     from service.models.registry import DEFAULT_MODEL
     from service.models.spec import load_config
@@ -102,37 +102,15 @@ def _first_model(settings: Settings, args: argparse.Namespace) -> str:
 
 
 def _models(settings: Settings, args: argparse.Namespace) -> int:
-    from service.cli.progress import show
-    from service.cli.tables import models_table
+    from service.cli.tables import show_models
 
-    if args.url:
-        from saliency_client import Client
-
-        with Client(args.url, api_key=args.api_key, timeout=args.timeout) as client:
-            infos = [m.raw for m in client.models()]
-    else:
-        from service.models.registry import ModelRegistry
-
-        infos = ModelRegistry.from_settings(settings).infos()
-    show(models_table(infos))
-    return 0
+    return show_models(settings, args)
 
 
 def _layers(settings: Settings, args: argparse.Namespace) -> int:
-    from service.cli.progress import show
-    from service.cli.tables import layers_table
+    from service.cli.tables import show_layers
 
-    if args.url:
-        from saliency_client import Client
-
-        with Client(args.url, api_key=args.api_key, timeout=args.timeout) as client:
-            layers = [layer.raw for layer in client.layers(args.model)]
-    else:
-        from service.models.registry import ModelRegistry
-
-        layers = ModelRegistry.from_settings(settings, only=[args.model]).get(args.model).layers()
-    show(layers_table(args.model, layers))
-    return 0
+    return show_layers(settings, args)
 
 
 def _remote_arguments(parser: argparse.ArgumentParser) -> None:

@@ -55,9 +55,9 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     client: Client | None = None
     try:
         if args.url:
-            from service.cli.remote import RemoteRunner
+            from service.cli.remote import RemoteRunner, connect
 
-            client = Client(args.url, api_key=args.api_key, timeout=args.timeout)
+            client = connect(args)
             runner: Runner = RemoteRunner(
                 client,
                 args.model,

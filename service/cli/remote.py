@@ -8,6 +8,7 @@ it: ``images.<i>``) is submitted again without it, that file reported failed.
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import re
@@ -22,6 +23,11 @@ from service.cli.inputs import Source
 from service.cli.outcome import Outcome, Report, target_text
 
 _IMAGE_FIELD = re.compile(r"^images\.(\d+)$")
+
+
+def connect(args: argparse.Namespace) -> Client:
+    """The client of ``--url``, ``--api-key`` and ``--timeout``."""
+    return Client(args.url, api_key=args.api_key, timeout=args.timeout)
 
 
 def describe(exc: Exception) -> str:

@@ -3,12 +3,44 @@
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from typing import Any
 
 from rich.table import Table
 
-from service.cli.progress import table
+from service.cli.progress import show, table
+from service.config import Settings
+
+
+def show_models(settings: Settings, args: argparse.Namespace) -> int:
+    """``saliency models``: the models here (all loaded from the settings) or at ``--url``."""
+    if args.url:
+        from service.cli.remote import connect
+
+        with connect(args) as client:
+            infos = [m.raw for m in client.models()]
+    else:
+        from service.models.registry import ModelRegistry
+
+        infos = ModelRegistry.from_settings(settings).infos()
+    show(models_table(infos))
+    return 0
+
+
+def show_layers(settings: Settings, args: argparse.Namespace) -> int:
+    """``saliency layers MODEL``: its layers here (only it loaded) or at ``--url``."""
+    if args.url:
+        from service.cli.remote import connect
+
+        with connect(args) as client:
+            layers = [layer.raw for layer in client.layers(args.model)]
+    else:
+        from service.models.registry import ModelRegistry
+
+        layers = ModelRegistry.from_settings(settings, only=[args.model]).get(args.model).layers()
+    show(layers_table(args.model, layers))
+    return 0
 
 
 def models_table(infos: Sequence[dict[str, Any]]) -> Table:
