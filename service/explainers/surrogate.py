@@ -72,7 +72,11 @@ def superpixels(x: Tensor, handle: ModelHandle, segments: int) -> list[Tensor]:
         )
         labels, _, _ = relabel_sequential(labels)  # type: ignore[no-untyped-call]
         found = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
-        out.append((found if int(found.max()) > 0 else grid(*found.shape, segments)).to(x.device))
+        out.append(
+            (found if int(found.max()) > 0 else grid(int(found.shape[0]), int(found.shape[1]), segments)).to(
+                x.device
+            )
+        )
     return out
 
 
