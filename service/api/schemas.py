@@ -186,3 +186,13 @@ class NotReadyProblem(Problem):
 
     state: Literal["loading", "failed"]
     models: dict[str, bool] = Field(default_factory=dict, description="model name → ready")
+
+
+class KServePredictResponse(Schema):
+    predictions: list[list[Prediction]] = Field(description="one list per instance: its top classes")
+
+
+class KServeExplainResponse(Schema):
+    explanations: list[ExplanationItem] = Field(
+        description="one entry per instance (and target), in order, each with its image_index"
+    )
