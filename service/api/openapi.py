@@ -64,9 +64,15 @@ def options_schema(options_type: type[BaseModel]) -> dict[str, Any]:
 
 
 def image_request_body(
-    options_type: type[RequestOptions], *, image_field: str = "image", many: bool = False
+    options_type: type[RequestOptions],
+    *,
+    image_field: str = "image",
+    many: bool = False,
+    example: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """``openapi_extra`` for a route that takes images: multipart/form-data and application/json."""
+    """``openapi_extra`` for a route that takes images: multipart/form-data and application/json.
+    The JSON example holds a tiny PNG and every default; ``example``: values of required
+    parameters without a default (it must validate against the schema)."""
     base = options_schema(options_type)
     binary = {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream"}
     b64 = {"type": "string", "contentEncoding": "base64", "description": "the image file, base64-encoded"}
@@ -93,7 +99,7 @@ def image_request_body(
     for s in (form, body):
         s["required"] = [image_field, *s["required"]]
     defaults = {k: p["default"] for k, p in base["properties"].items() if "default" in p}
-    example = {image_field: [TINY_PNG_BASE64] if many else TINY_PNG_BASE64, **defaults}
+    example = {image_field: [TINY_PNG_BASE64] if many else TINY_PNG_BASE64, **defaults, **(example or {})}
     return {
         "requestBody": {
             "required": True,

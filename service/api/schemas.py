@@ -102,7 +102,7 @@ class ExplanationItem(Schema):
     min: float = Field(description="smallest raw value of the map")
     max: float = Field(description="largest raw value of the map")
     completeness_delta: float | None = Field(
-        description="path methods: sum of attributions − (f(x) − f(baseline))"
+        None, description="path methods: sum of attributions − (f(x) − f(baseline)); null otherwise"
     )
     deletion_auc: float | None = Field(None, description="with score=true: the deletion curve's AUC")
     insertion_auc: float | None = Field(None, description="with score=true: the insertion curve's AUC")
