@@ -3,7 +3,8 @@ for every operation (jobs and the compatibility routes included) and sends them 
 served by uvicorn on 127.0.0.1; every answer must be documented (status, content type, headers)
 and match its schema, and none may be a 5xx.
 
-Bounded: the coverage phase plus a few fuzzed examples per operation (``CONTRACT_EXAMPLES``), no
+``test_job_workflows_keep_their_contract`` follows the links of a submitted job (status, result,
+cancel). Bounded: the coverage phase plus a few fuzzed examples per operation (``CONTRACT_EXAMPLES``), no
 shrinking, the server's synchronous budget lowered so that no generated parameters make it
 compute for long: about a minute on two cores. The only change to the schema as committed: the ``{model}`` path parameter is
 narrowed to the test models and one unknown name, so requests reach the routes' own checks
@@ -12,6 +13,7 @@ instead of all stopping at 404.
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import threading
@@ -35,6 +37,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from service.api.openapi import TINY_PNG_BASE64
 from service.app import create_app
 
 OPENAPI = Path(__file__).resolve().parents[2] / "openapi" / "openapi.json"
@@ -56,7 +59,7 @@ def live(tiny_config: Path) -> Iterator[str]:
         make_settings(
             tiny_config,
             max_sync_passes=256,
-            job_max_passes=2048,
+            job_max_passes=256,
             request_timeout_s=20,
             torch_threads=1,
         )
@@ -87,12 +90,17 @@ def live(tiny_config: Path) -> Iterator[str]:
 
 
 def narrowed(document: dict[str, Any]) -> dict[str, Any]:
-    """The committed schema with ``{model}`` limited to ``MODELS``."""
+    """The committed schema with the model a request names (the ``{model}`` path parameter, a
+    job's ``model``) limited to ``MODELS``, and the job example's model one of them."""
     for operations in document["paths"].values():
         for operation in operations.values():
             for parameter in operation.get("parameters", []):
                 if parameter["in"] == "path" and parameter["name"] == "model":
                     parameter["schema"] = {**parameter["schema"], "enum": MODELS}
+    for content in document["paths"]["/v1/jobs"]["post"]["requestBody"]["content"].values():
+        content["schema"]["properties"]["model"]["enum"] = MODELS
+        if "example" in content:
+            content["example"]["model"] = MODELS[0]
     return document
 
 
@@ -105,7 +113,6 @@ def contract_schema(examples: int) -> Any:
         {
             "request-timeout": 30,
             "generation": {"max-examples": examples, "no-shrink": True, "deterministic": True},
-            "phases": {"stateful": {"enabled": False}},
             "operations": [
                 {
                     "include-path-regex": "/(compare|evaluate)$",
@@ -127,3 +134,36 @@ schema = contract_schema(CONTRACT_EXAMPLES)
 @settings(deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
 def test_every_operation_keeps_its_contract(case: schemathesis.Case, live: str) -> None:
     case.call_and_validate(base_url=live, checks=CHECKS)
+
+
+@pytest.mark.slow
+def test_job_workflows_keep_their_contract(live: str) -> None:
+    """Stateful: sequences that follow the links of ``POST /v1/jobs`` (its 202 answer's id to
+    ``GET /v1/jobs/{id}``, ``…/result``, ``DELETE``), every answer checked as above."""
+
+    class Workflow(schema.as_state_machine()):  # type: ignore[misc]
+        def get_call_kwargs(self, case: schemathesis.Case) -> dict[str, Any]:
+            return {"base_url": live}
+
+        def before_call(self, case: schemathesis.Case) -> None:
+            # a job of a real image on a real model, so that its links are followed
+            if case.method == "POST" and case.path == "/v1/jobs" and isinstance(case.body, dict):
+                json_body = case.media_type == "application/json"
+                case.body["images"] = [TINY_PNG_BASE64 if json_body else base64.b64decode(TINY_PNG_BASE64)]
+                case.body["model"] = MODELS[0]
+
+        def validate_response(
+            self, response: Any, case: schemathesis.Case, *args: Any, **kwargs: Any
+        ) -> None:
+            case.validate_response(response, checks=CHECKS)
+
+    Workflow.run(
+        settings=settings(
+            max_examples=12,
+            stateful_step_count=5,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+            derandomize=True,
+            database=None,
+        )
+    )

@@ -178,6 +178,21 @@ JOB_EXAMPLE: dict[str, Any] = {
 }
 
 
+# what a client (or a stateful test) can do next with the job's id
+JOB_LINKS: dict[str, Any] = {
+    name: {
+        "operationRef": f"#/paths/~1v1~1jobs~1{{job_id}}{suffix}/{verb}",
+        "parameters": {"job_id": "$response.body#/id"},
+        "description": description,
+    }
+    for name, suffix, verb, description in (
+        ("GetJob", "", "get", "poll the job's status and progress"),
+        ("GetJobResult", "~1result", "get", "fetch its result once it succeeded"),
+        ("CancelJob", "", "delete", "cancel it"),
+    )
+}
+
+
 # ------------------------------------------------------------------------------------------------
 # routes
 # ------------------------------------------------------------------------------------------------
@@ -204,6 +219,7 @@ JOB_EXAMPLE: dict[str, Any] = {
             "content": {
                 "application/json": {"example": {**JOB_EXAMPLE, "status": "queued", "progress": 0.0}}
             },
+            "links": JOB_LINKS,
         },
         **_problems(
             _404="unknown model",
