@@ -32,6 +32,7 @@ RUN python -m pip install --upgrade pip \
 
 COPY pyproject.toml README.md ./
 COPY service ./service
+COPY client ./client
 RUN python -m pip install . \
  && python -c "import service, torch; print('saliency-service', service.__version__, 'torch', torch.__version__)"
 

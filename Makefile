@@ -32,8 +32,8 @@ serve: install
 	$(VENV)/bin/saliency serve --host $(HOST) --port $(PORT)
 
 lint: install-dev
-	$(VENV)/bin/ruff check service tests benchmarks
-	$(VENV)/bin/ruff format --check service tests benchmarks
+	$(VENV)/bin/ruff check service client tests benchmarks
+	$(VENV)/bin/ruff format --check service client tests benchmarks
 
 typecheck: install-dev
 	$(VENV)/bin/mypy

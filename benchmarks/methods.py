@@ -60,6 +60,8 @@ TARGETS: dict[tuple[str, str], float] = {
     ("smoothgrad_sq", "captum"): 0.8,
     ("gradient_shap", "captum"): 0.8,
     ("rise", "floor"): 1.1,
+    ("kernel_shap", "captum"): 0.8,
+    ("lime", "captum"): 0.8,
     ("blur_ig", "pair"): 0.8,
     ("guided_ig", "pair"): 0.8,
     ("xrai", "pair"): 0.8,
@@ -94,6 +96,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--masks", type=int, default=4000, help="RISE masks (default 4000, the paper's)")
     p.add_argument("--window", type=int, default=16, help="occlusion window (default 16)")
     p.add_argument("--stride", type=int, default=8, help="occlusion stride (default 8)")
+    p.add_argument(
+        "--coalitions", type=int, default=1000, help="kernel_shap/lime samples (default 1000, theirs)"
+    )
+    p.add_argument("--segments", type=int, default=50, help="kernel_shap/lime superpixels (default 50)")
     p.add_argument("--rule", default="gausslegendre", help="IG rule, same for Captum (default gausslegendre)")
     p.add_argument("--device", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", help="fp32, bf16 (CUDA autocast) or a comma list (default fp32)")
@@ -179,13 +185,17 @@ def passes_per_image(method: str, args: argparse.Namespace) -> int:
 
 
 #: black-box methods: their floor is forward passes alone
-FORWARD_ONLY = ("occlusion", "rise")
+FORWARD_ONLY = ("occlusion", "rise", "kernel_shap", "lime")
+#: over superpixels, with ``--coalitions`` samples and the ``mean`` baseline (their defaults)
+SURROGATES = ("kernel_shap", "lime")
 
 
 def forward_passes(method: str, args: argparse.Namespace) -> int:
     """Forward passes per image of a black-box method (its floor): the perturbed copies + 1."""
     if method == "rise":
         return int(args.masks) + 1
+    if method in SURROGATES:
+        return int(args.coalitions) + (2 if method == "kernel_shap" else 1)
     if method == "occlusion":
         per_side = (int(args.size) - int(args.window)) // int(args.stride) + 1
         return per_side * per_side + 1
@@ -226,9 +236,26 @@ def floor(s: Setup, model: nn.Module, passes: int) -> Callable[[], None]:
     return run
 
 
+def photos(s: Setup) -> Tensor:
+    """``skimage.data``'s cat photo at the input size, normalised, once per image of ``s.x``: the
+    superpixel methods need an image with regions (SLIC finds one segment in noise)."""
+    from skimage import data
+
+    img = torch.from_numpy(data.chelsea().copy()).permute(2, 0, 1).float()[None] / 255.0
+    img = nn.functional.interpolate(img, size=tuple(s.x.shape[-2:]), mode="bilinear", align_corners=False)
+    mean = torch.tensor(s.handle.mean).view(1, -1, 1, 1)
+    std = torch.tensor(s.handle.std).view(1, -1, 1, 1)
+    return ((img - mean) / std).expand(s.x.shape[0], -1, -1, -1).contiguous().to(s.device)
+
+
 def ours(s: Setup, method: str) -> Callable[[], None]:
+    params, x = s.params, s.x
+    if method in SURROGATES:
+        params = params.with_(samples=s.args.coalitions, segments=s.args.segments, baseline="mean")
+        x = photos(s)
+
     def run() -> None:
-        explain(s.handle, s.x, method, s.params, targets=Targets.given(s.targets.view(-1, 1)))
+        explain(s.handle, x, method, params, targets=Targets.given(s.targets.view(-1, 1)))
 
     return run
 
@@ -280,6 +307,8 @@ def captum_reference(s: Setup, method: str) -> Callable[[], None] | None:
             tuple(x.shape[-2:]), "bilinear",
         ),
     }  # fmt: skip
+    if method in SURROGATES:
+        return surrogate_reference(s, method)
     if method not in calls or (
         method in ("gradcam", "guided_gradcam") and s.handle.layer_view(s.layer).layout != "nchw"
     ):
@@ -289,6 +318,37 @@ def captum_reference(s: Setup, method: str) -> Callable[[], None] | None:
     def run() -> None:
         with s.amp():
             call()
+
+    return run
+
+
+def surrogate_reference(s: Setup, method: str) -> Callable[[], None]:
+    """Captum's KernelShap (its defaults) or Lime (least squares, as ours) over the same SLIC
+    superpixels, segmented inside the timed call as a user of Captum must, one image at a time."""
+    import captum.attr as ca
+    from captum._utils.models.linear_model import SkLearnLinearRegression  # type: ignore[import-untyped]
+
+    from service.explainers.surrogate import superpixels
+
+    model, x, t, a = s.eager, photos(s), s.targets, s.args
+    n = int(a.coalitions) + (2 if method == "kernel_shap" else 1)
+
+    def run() -> None:
+        for i, labels in enumerate(superpixels(x, s.handle, int(a.segments))):
+            explainer = (
+                ca.KernelShap(model)
+                if method == "kernel_shap"
+                else ca.Lime(lambda v: model(v).softmax(dim=1), interpretable_model=SkLearnLinearRegression())
+            )
+            with s.amp():
+                explainer.attribute(
+                    x[i : i + 1],
+                    baselines=0.0,
+                    target=int(t[i]),
+                    feature_mask=labels[None, None],
+                    n_samples=n,
+                    perturbations_per_eval=int(a.batch_size),
+                )
 
     return run
 
@@ -456,6 +516,7 @@ def describe(s: Setup) -> str:
         f"model {s.args.model} (random init, {s.args.classes} classes), input {s.args.images}×3×{s.args.size}²,"
         f" batch_size {s.args.batch_size}, steps {s.args.steps}, samples {s.args.samples}, rule {s.args.rule},"
         f" masks {s.args.masks}, window {s.args.window}, stride {s.args.stride},"
+        f" coalitions {s.args.coalitions}, segments {s.args.segments},"
         f" target layer {s.layer}\n"
         f"device {dev}; torch {torch.__version__}; prepared copy: {folded}/{bns} BatchNorms folded,"
         f" channels_last={cl}; malloc {s.args.malloc};"

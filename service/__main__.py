@@ -1,7 +1,9 @@
-"""The ``saliency`` command line: ``serve``, ``openapi``, ``worker``.
+"""The ``saliency`` command line: ``serve``, ``openapi``, ``worker``, ``explain``, ``models``, ``layers``.
 
 Settings come from the ``SALIENCY_*`` environment (``service.config.Settings``); ``serve``'s
-``--host``/``--port`` override ``SALIENCY_HOST``/``SALIENCY_PORT``.
+``--host``/``--port`` override ``SALIENCY_HOST``/``SALIENCY_PORT``. ``explain``, ``models`` and
+``layers`` run in this process (models loaded from the settings), or with ``--url`` against a
+running service (``service.cli``).
 """
 
 from __future__ import annotations
@@ -10,13 +12,13 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pydantic import ValidationError
 
 from service.config import Settings, get_settings
-from service.errors import ConfigError
+from service.errors import SaliencyError
 from service.logs import configure_logging
 
 # OpenMP threads that sleep when idle instead of spinning: a web process also decodes and renders
@@ -79,7 +81,52 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
     return int(result or 0)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _explain(settings: Settings, args: argparse.Namespace) -> int:
+    from service.cli.explain import run
+
+    if args.model is None:
+        args.model = _first_model(settings, args)
+    return run(settings, args)
+
+
+def _first_model(settings: Settings, args: argparse.Namespace) -> str:
+    """``--model`` left out: the first model configured (here, or on the service at ``--url``)."""
+    if args.url:
+        from service.cli.remote import connect
+
+        with connect(args) as client:
+            return client.models()[0].name
+    from service.models.registry import DEFAULT_MODEL
+    from service.models.spec import load_config
+
+    if settings.models_config is None:
+        return DEFAULT_MODEL
+    return load_config(settings.models_config)[0].name
+
+
+def _models(settings: Settings, args: argparse.Namespace) -> int:
+    from service.cli.tables import show_models
+
+    return show_models(settings, args)
+
+
+def _layers(settings: Settings, args: argparse.Namespace) -> int:
+    from service.cli.tables import show_layers
+
+    return show_layers(settings, args)
+
+
+def _remote_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("through a running service (default: in this process)")
+    group.add_argument("--url", help="the service's base URL, e.g. http://127.0.0.1:8000")
+    group.add_argument("--api-key", help="the API key (sent as Authorization: Bearer)")
+    group.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
+
+
+def build_parser(knobs: bool = True) -> argparse.ArgumentParser:
+    """The parser. ``knobs``: give ``explain`` an option per request parameter (this imports the
+    engine, and with it torch: ``main`` asks for them only when the command is ``explain``, so
+    that ``serve`` still sets its thread settings before torch loads)."""
     parser = argparse.ArgumentParser(
         prog="saliency", description=__doc__.splitlines()[0] if __doc__ else None
     )
@@ -101,12 +148,73 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="run a Celery worker for jobs (SALIENCY_JOBS_BACKEND=celery)")
     worker.add_argument("worker_args", nargs=argparse.REMAINDER, help="passed on to the Celery worker")
     worker.set_defaults(func=_worker)
+
+    explain = sub.add_parser(
+        "explain",
+        help="explain image files or folders of images, writing one output per image",
+        description="Explain each image (folders: their images, recursively) and write the result under "
+        "--out as NAME.METHOD.png (.overlay.png, .json, .npy). Without --url the engine runs in this "
+        "process, on the models of SALIENCY_MODELS_CONFIG; with --url the service does the work (more "
+        "than --job-threshold images go as jobs). Exit status: 0 all written, 1 some files failed "
+        "(one line each on stderr), 2 nothing could run.",
+    )
+    explain.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    explain.add_argument("--model", help="model name (default: the first configured)")
+    explain.add_argument("--method", default="gradcam", help="attribution method (default gradcam)")
+    explain.add_argument(
+        "--format", choices=["png", "overlay", "json", "npy"], default="png", help="output (default png)"
+    )
+    explain.add_argument("--out", default="saliency-out", help="output folder (default ./saliency-out)")
+    explain.add_argument("--target", type=int, help="class index (default: the top-1 predicted class)")
+    explain.add_argument("--top-k", dest="top_k", type=int, help="explain the k best classes")
+    _remote_arguments(explain)
+    explain.add_argument(
+        "--job-threshold",
+        type=_count(0),
+        default=16,
+        help="with --url: more images than this go as jobs (default 16)",
+    )
+    explain.add_argument(
+        "--job-size", type=_count(1), default=64, help="with --url: images per job (default 64)"
+    )
+    if knobs:
+        from service.cli.params import add_knob_arguments
+
+        add_knob_arguments(explain)
+    explain.set_defaults(func=_explain)
+
+    models = sub.add_parser("models", help="list the models (a table)")
+    _remote_arguments(models)
+    models.set_defaults(func=_models)
+
+    layers = sub.add_parser("layers", help="list the layers CAM methods can use on a model (a table)")
+    layers.add_argument("model", help="model name")
+    _remote_arguments(layers)
+    layers.set_defaults(func=_layers)
     return parser
 
 
+def _count(least: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``least``."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}")
+        return value
+
+    return parse
+
+
+def _command(argv: Sequence[str]) -> str | None:
+    """The sub-command named in ``argv`` (its first word that is no option)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(knobs=_command(words) == "explain")
+    args, unknown = parser.parse_known_args(words)
     if unknown:  # `saliency worker --pool threads`: options for Celery, which REMAINDER misses
         if args.command != "worker":
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -121,9 +229,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(settings, args))
-    except ConfigError as exc:
+    except SaliencyError as exc:  # a broken config, an unknown model…
         print(f"saliency: {exc.message}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        reason = _remote_failure(exc)
+        if reason is None:
+            raise
+        print(f"saliency: {getattr(args, 'url', '')}: {reason}", file=sys.stderr)
+        return 2
+
+
+def _remote_failure(exc: Exception) -> str | None:
+    """One line for an error of the service at ``--url`` (or of reaching it); ``None`` for others."""
+    if "saliency_client" not in sys.modules:
+        return None
+    import httpx
+    from saliency_client import SaliencyClientError
+
+    from service.cli.remote import describe
+
+    return describe(exc) if isinstance(exc, SaliencyClientError | httpx.HTTPError) else None
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from service.api.middleware import EdgeMiddleware
 from service.api.openapi import install_security
 from service.api.request import body_limit
 from service.api.responses import TARGET_HEADERS
-from service.api.routes import evaluate, explain, jobs, methods, models, ops
+from service.api.routes import compat, evaluate, explain, jobs, methods, models, ops
 from service.config import Settings, get_settings
 from service.errors import SaliencyError
 from service.metrics import Metrics
@@ -112,7 +112,15 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
             max_age=600,
         )
     app.add_middleware(EdgeMiddleware, max_body_bytes=limit, metrics=metrics)
-    for router in (models.router, methods.router, explain.router, evaluate.router, jobs.router, ops.router):
+    for router in (
+        models.router,
+        methods.router,
+        explain.router,
+        evaluate.router,
+        jobs.router,
+        compat.router,
+        ops.router,
+    ):
         app.include_router(router)
     docs.install(app, title=TITLE)
     install_security(app, required=keys is not None, open_paths=open_paths(settings))

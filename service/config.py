@@ -90,6 +90,13 @@ class Settings(BaseSettings):
         ge=64 * 1024,
         description="estimated response bodies above this → 422 response-too-large",
     )
+    max_sync_images: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description="images one synchronous request may carry (KServe instances, TorchServe data "
+        "parts); together they hold at most max_image_pixels",
+    )
     max_json_depth: int = Field(32, ge=2, le=1000, description="nesting allowed in a JSON request body")
     max_form_fields: int = Field(256, ge=16, le=100_000, description="form or JSON fields per request")
     batching: bool = True

@@ -64,9 +64,15 @@ def options_schema(options_type: type[BaseModel]) -> dict[str, Any]:
 
 
 def image_request_body(
-    options_type: type[RequestOptions], *, image_field: str = "image", many: bool = False
+    options_type: type[RequestOptions],
+    *,
+    image_field: str = "image",
+    many: bool = False,
+    example: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """``openapi_extra`` for a route that takes images: multipart/form-data and application/json."""
+    """``openapi_extra`` for a route that takes images: multipart/form-data and application/json.
+    The JSON example holds a tiny PNG and every default; ``example``: values of required
+    parameters without a default (it must validate against the schema)."""
     base = options_schema(options_type)
     binary = {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream"}
     b64 = {"type": "string", "contentEncoding": "base64", "description": "the image file, base64-encoded"}
@@ -93,7 +99,7 @@ def image_request_body(
     for s in (form, body):
         s["required"] = [image_field, *s["required"]]
     defaults = {k: p["default"] for k, p in base["properties"].items() if "default" in p}
-    example = {image_field: [TINY_PNG_BASE64] if many else TINY_PNG_BASE64, **defaults}
+    example = {image_field: [TINY_PNG_BASE64] if many else TINY_PNG_BASE64, **defaults, **(example or {})}
     return {
         "requestBody": {
             "required": True,
@@ -305,3 +311,159 @@ def install_security(app: FastAPI, *, required: bool, open_paths: frozenset[str]
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+# ------------------------------------------------------------------------------------------------
+# the compatibility routes (``service.api.routes.compat``)
+# ------------------------------------------------------------------------------------------------
+_B64 = {"type": "string", "contentEncoding": "base64", "description": "the image file, base64-encoded"}
+_BINARY = {"type": "string", "format": "binary"}
+COMPAT_ERRORS = (404, 406, 413, 415, 422, 503, 504)
+
+
+def _kserve_body(options_type: type[RequestOptions]) -> dict[str, Any]:
+    from service.api.request import INSTANCE_KEYS
+
+    value = {"anyOf": [_B64, {"type": "object", "properties": {"b64": _B64}, "required": ["b64"]}]}
+    instance = {
+        "anyOf": [
+            _B64,
+            {
+                "type": "object",
+                "properties": {k: value for k in INSTANCE_KEYS},
+                "minProperties": 1,
+                "maxProperties": 1,
+                "additionalProperties": False,
+            },
+        ],
+        "description": 'the image: {"image": {"b64": …}} (KServe), {"image_bytes": {"b64": …}}, '
+        '{"b64": …} (TF Serving), {"data": …} (TorchServe\'s KServe envelope), or the base64 string',
+    }
+    parameters = {**options_schema(options_type), "additionalProperties": False}
+    parameters["description"] = "the route's parameters, as in the native route's JSON body"
+    schema = {
+        "type": "object",
+        "properties": {
+            "instances": {
+                "type": "array",
+                "items": instance,
+                "minItems": 1,
+                "description": "one image per instance (at most SALIENCY_MAX_SYNC_IMAGES); `inputs` "
+                "is read the same way",
+            },
+            "parameters": parameters,
+        },
+        "required": ["instances"],
+    }
+    example = {"instances": [{"image": {"b64": TINY_PNG_BASE64}}], "parameters": {}}
+    return {"required": True, "content": {"application/json": {"schema": schema, "example": example}}}
+
+
+def kserve_predict_doc() -> dict[str, Any]:
+    from service.api.options import PredictOptions
+    from service.api.schemas import KServePredictResponse
+
+    return {
+        "extra": {"requestBody": _kserve_body(PredictOptions)},
+        "responses": {
+            200: {
+                "description": "one list per instance: its top_k classes, best first",
+                "model": KServePredictResponse,
+                "content": {"application/json": {}},
+            },
+            **problem_responses(*COMPAT_ERRORS),
+        },
+    }
+
+
+def kserve_explain_doc() -> dict[str, Any]:
+    from service.api.options import ExplainOptions
+    from service.api.schemas import KServeExplainResponse
+
+    return {
+        "extra": {"requestBody": _kserve_body(ExplainOptions)},
+        "responses": {
+            200: {
+                "description": "the explain JSON's entries: one per instance (and target, with "
+                "top_k), in instance order, each with its image_index",
+                "model": KServeExplainResponse,
+                "content": {"application/json": {}},
+            },
+            **problem_responses(*COMPAT_ERRORS),
+        },
+    }
+
+
+def _torchserve_extra(options_type: type[RequestOptions]) -> dict[str, Any]:
+    """The image as the body or multipart ``data``; the parameters in the query string."""
+    props = options_schema(options_type)["properties"]
+    parameters = [
+        {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "schema": {k: v for k, v in prop.items() if k != "description"},
+            "description": prop.get("description", ""),
+        }
+        for name, prop in props.items()
+    ]
+    form = {
+        "type": "object",
+        "properties": {"data": {"type": "array", "items": _BINARY, "description": "image files"}},
+        "required": ["data"],
+    }
+    return {
+        "parameters": parameters,
+        "requestBody": {
+            "required": True,
+            "description": "the image file as the body (any content type but multipart: "
+            "`curl -T kitten.jpg`), or multipart/form-data with the file(s) in `data`",
+            "content": {
+                "application/octet-stream": {"schema": _BINARY},
+                "multipart/form-data": {"schema": form},
+            },
+        },
+    }
+
+
+def torchserve_predict_doc() -> dict[str, Any]:
+    from service.api.options import PredictOptions
+
+    answer = {"type": "object", "additionalProperties": {"type": "number"}}
+    return {
+        "extra": _torchserve_extra(PredictOptions),
+        "responses": {
+            200: {
+                "description": "{label: probability} of the top_k (default 5) classes; a list of "
+                "them when several images were sent",
+                "content": {
+                    "application/json": {
+                        "schema": {"anyOf": [answer, {"type": "array", "items": answer}]},
+                        "example": {"Egyptian cat": 0.79, "tabby": 0.09},
+                    }
+                },
+            },
+            **problem_responses(*COMPAT_ERRORS),
+        },
+    }
+
+
+def torchserve_explain_doc() -> dict[str, Any]:
+    from service.api.options import ExplainOptions
+
+    return {
+        "extra": _torchserve_extra(ExplainOptions),
+        "responses": {
+            200: {
+                "description": "one nested-list attribution per image: [H, W] ([C, H, W] with "
+                "reduction=none; with top_k > 1 the list of each target's)",
+                "content": {
+                    "application/json": {
+                        "schema": {"type": "array", "items": {"type": "array"}},
+                        "example": [[[0.0, 0.41, 0.2], [0.63, 1.0, 0.37]]],
+                    }
+                },
+            },
+            **problem_responses(*COMPAT_ERRORS),
+        },
+    }

@@ -18,16 +18,26 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from torch import Tensor
 
+from service.api import budget
 from service.api.deps import Services
-from service.api.options import TargetOptions
+from service.api.options import ExplainOptions, TargetOptions
+from service.api.request import ParsedRequest, choose_format
 from service.config import Settings
-from service.errors import DeadlineExceeded, MethodNotApplicable, TooHeavy
+from service.errors import (
+    DeadlineExceeded,
+    ImageTooLarge,
+    InvalidParameter,
+    MethodNotApplicable,
+    TooHeavy,
+)
 from service.evaluation import EvaluateParams, sanity_blocks
 from service.evaluation import cost as evaluation_cost
+from service.evaluation.curves import auc
 from service.explainers import ExplainParams, Explanation, Targets, get_method
 from service.explainers.engine import resolve_params
 from service.imaging.decode import decode_upload
 from service.imaging.geometry import Geometry
+from service.imaging.options import RenderParams
 from service.models.registry import LoadedModel
 
 T = TypeVar("T")
@@ -61,9 +71,24 @@ class Clock:
 
 
 def _prepare_all(settings: Settings, model: LoadedModel, images: list[bytes]) -> list[Prepared]:
+    """Each upload decoded and preprocessed. The images of one request together hold at most
+    ``max_image_pixels`` (one image's limit): a request of several images (KServe instances,
+    TorchServe ``data`` parts) costs no more decoded memory than a request of one."""
     out: list[Prepared] = []
+    used = 0
     for data in images:
-        image = decode_upload(data, settings)
+        left = settings.max_image_pixels - used
+        try:
+            image = decode_upload(data, settings, max_pixels=left)
+        except ImageTooLarge:
+            if not used:
+                raise
+            raise ImageTooLarge(
+                f"the images of one request may hold {settings.max_image_pixels} pixels together; "
+                f"the first {len(out)} already hold {used}: send fewer or smaller images",
+                field="image",
+            ) from None
+        used += image.width * image.height
         x, geometry = model.preprocess(image)
         out.append(Prepared(image=image, x=x, geometry=geometry))
     return out
@@ -198,3 +223,65 @@ async def predict(services: Services, model: LoadedModel, items: list[Prepared],
     """Softmax probabilities (N, num_classes)."""
     logits = await services.executor.predict(model.handle, batch(items), timeout=clock.remaining())
     return logits.softmax(dim=1)
+
+
+def top_classes(model: LoadedModel, probs: Tensor, k: int) -> list[dict[str, Any]]:
+    """One image's ``k`` most probable classes, best first: ``{"index", "label", "probability"}``."""
+    values, indices = probs.topk(k)
+    return [
+        {"index": int(i), "label": model.label(int(i)), "probability": round(float(p), 6)}
+        for p, i in zip(values.tolist(), indices.tolist(), strict=True)
+    ]
+
+
+def channels(items: list[Prepared]) -> int:
+    """The model input's channels (the values per pixel of a ``reduction=none`` map)."""
+    return int(items[0].x.shape[0])
+
+
+@dataclass
+class Explained:
+    """One method's explanation of a request's images, checked and budgeted, ready to render."""
+
+    fmt: str
+    expl: Explanation
+    items: list[Prepared]
+    targets: Targets
+    render: RenderParams  # resolved for the method
+    size: int  # the response's estimated bytes (``budget``)
+    extras: list[list[dict[str, float]]] | None  # score=true: each entry's AUCs
+
+
+async def explain_request(
+    services: Services,
+    model: LoadedModel,
+    parsed: ParsedRequest[ExplainOptions],
+    offered: tuple[str, ...],
+    clock: Clock,
+) -> Explained:
+    """What ``POST …/explain`` and the compatibility routes share: the output format among
+    ``offered``, the plan (methods, targets, synchronous budget), decoding, the response budget,
+    the explanation and, with ``score=true``, its AUCs."""
+    settings = services.settings
+    options = parsed.options
+    render = options.render().resolve(get_method(options.method).rendering)
+    fmt = choose_format(render.format, parsed.accept, offered)
+    if render.reduction == "none" and fmt in ("png", "overlay"):
+        raise InvalidParameter("reduction=none needs format=json or npy", field="reduction")
+    if options.score and fmt != "json":
+        raise InvalidParameter("score=true adds AUCs to the JSON: it needs format=json", field="score")
+    scoring = EvaluateParams() if options.score else None
+    work = await plan(services, model, options, [options.method], len(parsed.images), scoring, baseline=False)
+    items = await prepare_images(settings, model, parsed.images, clock)
+    shape = budget.answer(
+        fmt, render, [it.geometry for it in items], targets=work.targets.per_image, channels=channels(items)
+    )
+    size = budget.check(settings, shape)
+    [expl] = await explain(services, model, items, work, clock)
+    extras = None
+    if scoring is not None:
+        curves = await services.executor.score(
+            model.handle, batch(items), expl, scoring, timeout=clock.remaining()
+        )
+        extras = [[{f"{kind}_auc": round(auc(c[kind]), 6) for kind in c} for c in row] for row in curves]
+    return Explained(fmt, expl, items, work.targets, render, size, extras)

@@ -84,6 +84,23 @@ async def parse_request(
         )
     if not images and not any(e["field"] == image_field for e in errors):
         errors.append({"field": image_field, "message": "required: " + _image_hint(image_field, many)})
+    return _validated(request, options_type, settings, fields, images, errors, image_field, max_images)
+
+
+def _validated(
+    request: Request,
+    options_type: type[OptionsT],
+    settings: Settings,
+    fields: dict[str, Any],
+    images: list[bytes],
+    errors: list[dict[str, Any]],
+    image_field: str,
+    max_images: int | None,
+    *,
+    within: tuple[str, ...] = (),
+) -> ParsedRequest[OptionsT]:
+    """The images' count and sizes checked, the options validated (``within``: where the
+    parameters sit in the body, for the error's field names); every error found at once."""
     if max_images is not None and len(images) > max_images:
         errors.append({"field": image_field, "message": f"at most {max_images} images per request"})
     for data in images:
@@ -94,13 +111,142 @@ async def parse_request(
     try:
         options = options_type.model_validate(fields)
     except ValidationError as exc:
-        errors.extend(validation_errors([{**err, "loc": ("body", *err["loc"])} for err in exc.errors()]))
+        located = [{**err, "loc": ("body", *within, *err["loc"])} for err in exc.errors()]
+        errors.extend(validation_errors(located))
         options = None
     if errors or options is None:
         raise InvalidParameter(_summary(errors), errors=errors)
     methods = getattr(options, "methods", None) or getattr(options, "method", None)
     annotate(request.scope, method=methods if isinstance(methods, str) else None)  # validated names
     return ParsedRequest(options=options, images=images, accept=request.headers.get("accept"))
+
+
+# ------------------------------------------------------------------------------------------------
+# the request bodies of other model servers' clients (``service.api.routes.compat``)
+# ------------------------------------------------------------------------------------------------
+# an instance's image, as KServe and TensorFlow Serving clients send it: {"image": {"b64": …}}
+# (KServe's samples), {"image_bytes": {"b64": …}}, {"b64": …} (TF Serving's binary values),
+# {"data": …} (TorchServe's KServe envelope); the value a base64 string or {"b64": string}
+INSTANCE_KEYS = ("image", "image_bytes", "b64", "data")
+
+
+async def parse_kserve(
+    request: Request, options_type: type[OptionsT], settings: Settings
+) -> ParsedRequest[OptionsT]:
+    """A KServe v1 body: ``{"instances": [<instance>, ...], "parameters": {...}}`` (``inputs`` is
+    read like ``instances``), the JSON read whatever the content type says (``curl -d @file``
+    sends it as a form). Each instance is a base64 string or an object holding one in one of
+    ``INSTANCE_KEYS``; ``parameters`` are the route's options (field names ``parameters.<name>``
+    in errors). At most ``max_sync_images`` instances."""
+    fields: dict[str, Any] = {k: v for k, v in request.query_params.items() if v != ""}
+    errors: list[dict[str, Any]] = []
+    images: list[bytes] = []
+    try:
+        body = await run_in_threadpool(parse_json, await request.body(), settings.max_json_depth)
+    except ValueError as exc:
+        errors.append({"field": "body", "message": str(exc)})
+    else:
+        images = _read_kserve(body, settings, fields, errors)
+    return _validated(
+        request,
+        options_type,
+        settings,
+        fields,
+        images,
+        errors,
+        "instances",
+        settings.max_sync_images,
+        within=("parameters",),
+    )
+
+
+def _read_kserve(
+    body: Any, settings: Settings, fields: dict[str, Any], errors: list[dict[str, Any]]
+) -> list[bytes]:
+    if not isinstance(body, dict):
+        errors.append({"field": "body", "message": 'the JSON body must be an object: {"instances": [...]}'})
+        return []
+    unknown = sorted(set(body) - {"instances", "inputs", "parameters"})
+    for key in unknown[:16]:
+        errors.append({"field": key, "message": "unexpected member; the body holds instances and parameters"})
+    parameters = body.get("parameters")
+    if isinstance(parameters, dict) and len(parameters) <= settings.max_form_fields:
+        fields.update({k: v for k, v in parameters.items() if v is not None})
+    elif parameters is not None:
+        errors.append(
+            {
+                "field": "parameters",
+                "message": f"must be an object of at most {settings.max_form_fields} members",
+            }
+        )
+    if "instances" in body and "inputs" in body:
+        errors.append({"field": "inputs", "message": "give instances or inputs, not both"})
+    key = "instances" if "instances" in body or "inputs" not in body else "inputs"
+    instances = body.get(key)
+    if not isinstance(instances, list) or not instances:
+        errors.append({"field": key, "message": "required: a list of images, " + _INSTANCE_HINT})
+        return []
+    if len(instances) > settings.max_sync_images:
+        errors.append({"field": key, "message": f"at most {settings.max_sync_images} instances per request"})
+        return []
+    images: list[bytes] = []
+    for i, instance in enumerate(instances):
+        try:
+            images.append(decode_base64(_instance_text(instance)))
+        except ValueError as exc:
+            errors.append({"field": f"{key}.{i}", "message": str(exc)})
+    return images
+
+
+_INSTANCE_HINT = 'each {"image": {"b64": "<base64 of the image file>"}} or the base64 string itself'
+
+
+def _instance_text(instance: Any) -> str:
+    """The base64 text of one instance; ``ValueError`` naming the accepted shapes otherwise."""
+    value = instance
+    if isinstance(instance, dict):
+        keys = [k for k in INSTANCE_KEYS if k in instance]
+        if len(keys) != 1 or len(instance) != 1:
+            raise ValueError(f"an instance holds one of {', '.join(INSTANCE_KEYS)}: {_INSTANCE_HINT}")
+        value = instance[keys[0]]
+        if isinstance(value, dict) and set(value) == {"b64"}:
+            value = value["b64"]
+    if isinstance(value, str):
+        return value
+    if isinstance(instance, list):
+        raise ValueError(
+            "tensor instances are not accepted: send the encoded image file (JPEG, PNG, …) so the "
+            f"model's own preprocessing applies; {_INSTANCE_HINT}"
+        )
+    raise ValueError(f"not an image: {_INSTANCE_HINT}")
+
+
+async def parse_torchserve(
+    request: Request, options_type: type[OptionsT], settings: Settings
+) -> ParsedRequest[OptionsT]:
+    """A TorchServe inference request: the image as the raw body (``curl -T kitten.jpg``,
+    ``curl --data-binary @kitten.jpg``, ``requests.post(url, data=f)``: whatever the content type
+    says), or ``multipart/form-data`` with one or more files in ``data``
+    (``requests.post(url, files={"data": f})``, ``curl -F data=@kitten.jpg``). Parameters come
+    from the query string (and the form's other fields). At most ``max_sync_images`` images."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    fields: dict[str, Any] = {k: v for k, v in request.query_params.items() if v != ""}
+    errors: list[dict[str, Any]] = []
+    if content_type == "multipart/form-data":
+        images = await _read_form(request, settings, fields, errors, "data", True)
+    else:
+        raw = await request.body()
+        images = [raw] if raw else []
+    if not images and not any(e["field"] == "data" for e in errors):
+        errors.append(
+            {
+                "field": "data",
+                "message": "required: send the image file as the body, or in the multipart field 'data'",
+            }
+        )
+    return _validated(
+        request, options_type, settings, fields, images, errors, "data", settings.max_sync_images
+    )
 
 
 def _image_hint(field: str, many: bool) -> str:

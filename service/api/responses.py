@@ -29,7 +29,7 @@ import orjson
 from PIL import Image
 from starlette.responses import Response, StreamingResponse
 
-from service.api.pipeline import Prepared
+from service.api.pipeline import Explained, Prepared
 from service.errors import InvalidParameter
 from service.explainers import ExplainParams, Explanation, Targets
 from service.imaging.geometry import Geometry, to_original
@@ -244,6 +244,14 @@ def json_stream(head: dict[str, Any], key: str, items: Iterable[Any]) -> Iterato
     yield b"]}"
 
 
+def json_list_stream(items: Iterable[Any]) -> Iterator[bytes]:
+    """A JSON list written an item at a time (each item a JSON value)."""
+    yield b"["
+    for n, item in enumerate(items):
+        yield (b"," if n else b"") + dumps(item)
+    yield b"]"
+
+
 def streamed(chunks: Iterator[bytes], media_type: str, headers: dict[str, str] | None = None) -> Response:
     """A response sent as ``chunks`` come (Starlette pulls a sync iterator in a worker thread)."""
     return StreamingResponse(chunks, media_type=media_type, headers=headers)
@@ -379,3 +387,39 @@ def render_explanation(
         data = png_bytes(expl, items[index], index, render, overlay=fmt == "overlay")
         return Response(data, media_type=MEDIA_TYPES["png"], headers=headers)
     raise InvalidParameter(f"unknown format {fmt!r}", field="format")
+
+
+# ------------------------------------------------------------------------------------------------
+# the answers of other model servers (``service.api.routes.compat``)
+# ------------------------------------------------------------------------------------------------
+def kserve_explanations(model: LoadedModel, done: Explained, *, stream: bool) -> Response:
+    """KServe v1's ``{"explanations": [...]}``: the explain JSON's entries, one per instance and
+    target in upload order, each with its ``image_index``."""
+    entries = explain_entries(
+        model,
+        done.expl,
+        [it.geometry for it in done.items],
+        done.render,
+        image_indices=True,
+        extras=done.extras,
+    )
+    if stream:
+        return streamed(json_stream({}, "explanations", entries), "application/json")
+    return json_response({"explanations": list(entries)})
+
+
+def torchserve_attributions(model: LoadedModel, done: Explained, *, stream: bool) -> Response:
+    """TorchServe's explanations answer: a JSON list, one nested-list attribution per image
+    (its map as the JSON format has it: [H, W], or [C, H, W] with ``reduction=none``; with
+    several targets, the list of each target's)."""
+    per_image = done.expl.maps.shape[1]
+    entries = explain_entries(model, done.expl, [it.geometry for it in done.items], done.render)
+
+    def attributions() -> Iterator[Any]:
+        for _ in done.items:
+            maps = [next(entries)["heatmap"] for _ in range(per_image)]
+            yield maps[0] if per_image == 1 else maps
+
+    if stream:
+        return streamed(json_list_stream(attributions()), "application/json")
+    return Response(dumps(list(attributions())), media_type="application/json")

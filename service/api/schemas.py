@@ -102,7 +102,7 @@ class ExplanationItem(Schema):
     min: float = Field(description="smallest raw value of the map")
     max: float = Field(description="largest raw value of the map")
     completeness_delta: float | None = Field(
-        description="path methods: sum of attributions − (f(x) − f(baseline))"
+        None, description="path methods: sum of attributions − (f(x) − f(baseline)); null otherwise"
     )
     deletion_auc: float | None = Field(None, description="with score=true: the deletion curve's AUC")
     insertion_auc: float | None = Field(None, description="with score=true: the insertion curve's AUC")
@@ -186,3 +186,13 @@ class NotReadyProblem(Problem):
 
     state: Literal["loading", "failed"]
     models: dict[str, bool] = Field(default_factory=dict, description="model name → ready")
+
+
+class KServePredictResponse(Schema):
+    predictions: list[list[Prediction]] = Field(description="one list per instance: its top classes")
+
+
+class KServeExplainResponse(Schema):
+    explanations: list[ExplanationItem] = Field(
+        description="one entry per instance (and target), in order, each with its image_index"
+    )

@@ -54,7 +54,8 @@ _LIME_STREAM = 0x27BB2EE687B0B0FD
 def superpixels(x: Tensor, handle: ModelHandle, segments: int) -> list[Tensor]:
     """SLIC superpixels of each row of ``x`` (M, C, H, W, normalised), computed on the pixel image
     in [0, 1] (Lab for three channels): one (H, W) long tensor of labels 0 … S−1 per row, on
-    ``x``'s device."""
+    ``x``'s device. Where SLIC finds a single region (noise, a flat image), a grid of about
+    ``segments`` square cells stands in, so that the map still says where."""
     c = int(x.shape[1])
     lo, hi = handle.pixel_bounds(c)
     pixels = ((x.detach().float().cpu() - lo.cpu()) / (hi - lo).cpu()).clamp(0.0, 1.0)
@@ -70,8 +71,21 @@ def superpixels(x: Tensor, handle: ModelHandle, segments: int) -> list[Tensor]:
             convert2lab=c == 3,
         )
         labels, _, _ = relabel_sequential(labels)  # type: ignore[no-untyped-call]
-        out.append(torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)).to(x.device))
+        found = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
+        out.append(
+            (found if int(found.max()) > 0 else grid(int(found.shape[0]), int(found.shape[1]), segments)).to(
+                x.device
+            )
+        )
     return out
+
+
+def grid(h: int, w: int, segments: int) -> Tensor:
+    """(h, w) labels of an n × n grid of cells, n = ⌈√segments⌉ (at most the image's sides)."""
+    n = max(1, math.ceil(math.sqrt(segments)))
+    rows = torch.arange(h) * min(n, h) // h
+    cols = torch.arange(w) * min(n, w) // w
+    return rows[:, None] * min(n, w) + cols[None, :]
 
 
 class SuperpixelSurrogate(Method):

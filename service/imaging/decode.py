@@ -80,13 +80,15 @@ def decode_image(
         raise CorruptImage(f"the image could not be decoded ({type(exc).__name__})", field="image") from None
 
 
-def decode_upload(data: bytes, settings: Settings) -> Image.Image:
+def decode_upload(data: bytes, settings: Settings, *, max_pixels: int | None = None) -> Image.Image:
     """``decode_image`` with the service's limits (upload bytes, decoded pixels, minimum size)
-    and its overlay background, as every route and worker decodes an upload."""
+    and its overlay background, as every route and worker decodes an upload. ``max_pixels``:
+    a lower pixel limit (what is left of a request's when it carries several images)."""
+    limit = settings.max_image_pixels if max_pixels is None else min(max_pixels, settings.max_image_pixels)
     return decode_image(
         data,
         max_bytes=settings.max_upload_bytes,
-        max_pixels=settings.max_image_pixels,
+        max_pixels=limit,
         min_size=settings.min_image_size,
         background=settings.overlay_background,
     )

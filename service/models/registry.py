@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -365,13 +365,20 @@ class ModelRegistry:
                 self._models[entry.name] = entry
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> ModelRegistry:
+    def from_settings(cls, settings: Settings, only: Collection[str] | None = None) -> ModelRegistry:
         """The models of ``settings.models_config``, or the builtin default model without one. A
-        model that fails to load is kept as failed; the others serve."""
+        model that fails to load is kept as failed; the others serve. ``only``: load just these
+        (the CLI's in-process runs); ``UnknownModel`` lists the configured names otherwise."""
         if settings.models_config is not None:
             specs = load_config(settings.models_config)
         else:
             specs = [ModelSpec(name=DEFAULT_MODEL, source="builtin")]
+        if only is not None:
+            configured = [spec.name for spec in specs]
+            for name in only:
+                if name not in configured:
+                    raise UnknownModel(name, configured)
+            specs = [spec for spec in specs if spec.name in only]
         return cls.from_specs(
             specs,
             device=settings.device,

@@ -59,6 +59,10 @@ def bearer(key: str) -> dict[str, str]:
         ("DELETE", "/v1/jobs/0123456789abcdef0123456789abcdef"),
         ("GET", "/docs"),
         ("GET", "/no/such/route"),
+        ("POST", "/v1/models/tiny:predict"),
+        ("POST", "/v1/models/tiny:explain"),
+        ("POST", "/predictions/tiny"),
+        ("PUT", "/explanations/tiny"),
     ],
 )
 def test_protected_routes_need_a_key(keyed: TestClient, method: str, path: str) -> None:

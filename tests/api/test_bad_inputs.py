@@ -630,3 +630,81 @@ def test_a_layer_no_method_can_use_is_refused_at_job_submission(client: TestClie
         )
         body = assert_problem(r, 422)
         assert "layer4" in body["detail"]
+
+
+# ------------------------------------------------------------------------------------------------
+# the compatibility routes (KServe v1, TorchServe): the same 4xx problems, nothing a 500
+# ------------------------------------------------------------------------------------------------
+TINY_B64 = "iVBORw0KGgoAAAANSUhEUgAAABAAAAAQCAIAAACQkWg2AAAAHElEQVR42mNkYGAQIAWxMDAIMJACRjWMahg6GgCWfAIezUhyVgAAAABJRU5ErkJggg=="
+KSERVE_BAD: list[Any] = [
+    pytest.param(b"{not json", 422, "body", id="not-json"),
+    pytest.param(b"[1, 2]", 422, "body", id="json-list"),
+    pytest.param(b"null", 422, "body", id="json-null"),  # found by schemathesis: was a 500
+    pytest.param(b"", 422, "instances", id="empty-body"),
+    pytest.param({}, 422, "instances", id="no-instances"),
+    pytest.param({"instances": []}, 422, "instances", id="empty-instances"),
+    pytest.param({"instances": "abc"}, 422, "instances", id="instances-not-a-list"),
+    pytest.param({"instances": ["***not base64***"]}, 422, "instances.0", id="bad-base64"),
+    pytest.param({"instances": [{"image": {"b64": 12}}]}, 422, "instances.0", id="b64-not-a-string"),
+    pytest.param({"instances": [[[0.1, 0.2], [0.3, 0.4]]]}, 422, "instances.0", id="tensor-instance"),
+    pytest.param({"instances": [{"image": TINY_B64, "extra": 1}]}, 422, "instances.0", id="two-keys"),
+    pytest.param({"instances": [{"pixels": TINY_B64}]}, 422, "instances.0", id="unknown-instance-key"),
+    pytest.param({"instances": [17]}, 422, "instances.0", id="number-instance"),
+    pytest.param({"instances": [TINY_B64] * 17}, 422, "instances", id="too-many-instances"),
+    pytest.param({"instances": [TINY_B64], "inputs": [TINY_B64]}, 422, "inputs", id="instances-and-inputs"),
+    pytest.param(
+        {"instances": [TINY_B64], "signature_name": "x"}, 422, "signature_name", id="unknown-member"
+    ),
+    pytest.param({"instances": [TINY_B64], "parameters": [1]}, 422, "parameters", id="parameters-not-object"),
+    pytest.param(
+        {"instances": [TINY_B64], "parameters": {"stepz": 4}}, 422, "parameters.stepz", id="unknown-param"
+    ),
+    pytest.param(
+        {"instances": [TINY_B64], "parameters": {"steps": 0}}, 422, "parameters.steps", id="steps-0"
+    ),
+    pytest.param({"instances": [TINY_B64], "parameters": {"format": "png"}}, 422, "format", id="format-png"),
+    pytest.param({"instances": [TINY_B64], "parameters": {"target": 10}}, 422, "target", id="target-range"),
+    pytest.param({"instances": ["aGVsbG8gd29ybGQ="]}, 415, "image", id="text-as-image"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "field"), KSERVE_BAD)
+@pytest.mark.usefixtures("still_healthy")
+def test_bad_kserve_requests(client: TestClient, body: Any, status: int, field: str) -> None:
+    raw = body if isinstance(body, bytes) else orjson.dumps(body)
+    for verb in ("explain", "predict"):
+        if verb == "predict" and field in ("format", "target"):
+            continue  # explain's parameters: unknown to predict
+        r = client.post(f"/v1/models/tiny:{verb}", content=raw, headers={"content-type": "application/json"})
+        problem = assert_problem(r, status)
+        if status == 422:
+            assert field in [e["field"] for e in problem["errors"]], problem
+
+
+TORCHSERVE_BAD: list[Any] = [
+    pytest.param({"content": b""}, 422, "data", id="empty-body"),
+    pytest.param({"content": b"plain text, not an image\n" * 4}, 415, "image", id="text-body"),
+    pytest.param({"content": encode(sample_image(), "JPEG")[:300]}, 422, "image", id="truncated-jpeg"),
+    pytest.param({"content": png_bomb()}, 413, "image", id="png-bomb"),
+    pytest.param({"files": {"image": ("a.png", b"x")}}, 422, "image", id="wrong-file-field"),
+    pytest.param({"files": {"data": (None, "not a file")}}, 422, "data", id="data-as-text-field"),
+    pytest.param({"data": {"data": "not a file"}}, 415, "image", id="urlencoded-is-a-raw-body"),
+    pytest.param({"params": {"stepz": "3"}}, 422, "stepz", id="unknown-param"),
+    pytest.param({"params": {"method": "magic"}}, 422, "method", id="unknown-method"),
+    pytest.param({"params": {"format": "png"}}, 422, "format", id="format-png"),
+    pytest.param({"params": {"score": "true"}}, 422, "score", id="score"),
+    pytest.param({"files": [("data", ("a.png", b"x"))] * 17}, 422, "data", id="too-many-files"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "status", "field"), TORCHSERVE_BAD)
+@pytest.mark.usefixtures("still_healthy")
+def test_bad_torchserve_requests(
+    client: TestClient, png_bytes: bytes, kwargs: dict[str, Any], status: int, field: str
+) -> None:
+    if "content" not in kwargs and "files" not in kwargs and "data" not in kwargs:
+        kwargs = {**kwargs, "content": png_bytes}
+    r = client.post("/explanations/tiny", **kwargs)
+    problem = assert_problem(r, status)
+    if status == 422:
+        assert field in [e["field"] for e in problem["errors"]], problem

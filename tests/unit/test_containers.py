@@ -106,7 +106,7 @@ def test_dockerfile_runs_as_non_root_with_a_readiness_healthcheck(dockerfile: st
                 assert (ROOT / source).exists(), source
     # the build context keeps what the COPY lines need
     ignored = (ROOT / ".dockerignore").read_text().split()
-    assert not {"service", "docker", "pyproject.toml", "README.md"} & set(ignored)
+    assert not {"service", "client", "docker", "pyproject.toml", "README.md"} & set(ignored)
 
 
 def test_entrypoint_help_and_its_commands_run() -> None:

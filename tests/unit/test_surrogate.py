@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from service.errors import InvalidParameter
 from service.explainers import ExplainParams, ModelHandle, Targets, explain, get_method
 from service.explainers.path import make_baseline
-from service.explainers.surrogate import KernelShap, Lime, lime_weights, superpixels
+from service.explainers.surrogate import KernelShap, Lime, grid, lime_weights, superpixels
 
 
 def small_cnn(classes: int = 5) -> nn.Module:
@@ -169,6 +169,18 @@ def test_lime_agrees_with_captum_on_the_same_coalitions() -> None:
             perturbations_per_eval=16,
         )[0, 0]
         torch.testing.assert_close(ours[i], got.float(), rtol=1e-4, atol=1e-6)
+
+
+def test_a_grid_stands_in_where_slic_finds_one_region() -> None:
+    labels = grid(32, 32, 16)  # a 4 × 4 grid of 8-pixel cells
+    assert torch.equal(labels[::8, ::8], torch.arange(16).view(4, 4))
+    assert torch.equal(torch.bincount(labels.flatten()), torch.full((16,), 64))
+    handle = ModelHandle(small_cnn(), input_size=(3, 96, 96), optimize=False)
+    noise = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(0)) * 3
+    (found,) = superpixels(noise, handle, 16)
+    assert torch.equal(found, grid(96, 96, 16).to(found.device))  # SLIC merged the noise into one
+    params = ExplainParams(samples=40, segments=16, baseline="black", seed=1)
+    assert float(explain(handle, noise, "kernel_shap", params).maps.std()) > 0
 
 
 def test_lime_weights_are_the_exponential_kernel_on_cosine_distance() -> None:

@@ -32,9 +32,6 @@ from service.api.responses import (
     streamed,
     target_headers,
 )
-from service.errors import InvalidParameter
-from service.evaluation import EvaluateParams
-from service.evaluation.curves import auc
 from service.explainers import Explanation, Targets, get_method
 from service.imaging.grid import Row, compare_grid, keys
 from service.imaging.options import RenderParams
@@ -62,11 +59,7 @@ async def predict(request: Request, model: ModelDep, services: ServicesDep) -> R
     top_k = Targets.top(parsed.options.top_k).check(model.num_classes).top_k
     items = await pipeline.prepare_images(settings, model, parsed.images, clock)
     probs = (await pipeline.predict(services, model, items, clock))[0]
-    values, indices = probs.topk(top_k)
-    predictions = [
-        {"index": int(i), "label": model.label(int(i)), "probability": round(float(p), 6)}
-        for p, i in zip(values.tolist(), indices.tolist(), strict=True)
-    ]
+    predictions = pipeline.top_classes(model, probs, top_k)
     elapsed = round(clock.elapsed_ms, 1)
     return json_response({"model": model.name, "predictions": predictions, "elapsed_ms": elapsed})
 
@@ -83,52 +76,23 @@ async def predict(request: Request, model: ModelDep, services: ServicesDep) -> R
     response_class=Response,
 )
 async def explain(request: Request, model: ModelDep, services: ServicesDep) -> Response:
-    settings = services.settings
-    clock = pipeline.Clock(settings.request_timeout_s)
-    parsed = await parse_request(request, ExplainOptions, settings)
-    options = parsed.options
-    render = options.render().resolve(get_method(options.method).rendering)
-    fmt = choose_format(render.format, parsed.accept, EXPLAIN_FORMATS)
-    if render.reduction == "none" and fmt in ("png", "overlay"):
-        raise InvalidParameter("reduction=none needs format=json or npy", field="reduction")
-    if options.score and fmt != "json":
-        raise InvalidParameter("score=true adds AUCs to the JSON: it needs format=json", field="score")
-    scoring = EvaluateParams() if options.score else None
-    work = await pipeline.plan(
-        services, model, options, [options.method], len(parsed.images), scoring, baseline=False
-    )
-    items = await pipeline.prepare_images(settings, model, parsed.images, clock)
-    size = budget.check(
-        settings,
-        budget.answer(
-            fmt,
-            render,
-            [it.geometry for it in items],
-            targets=work.targets.per_image,
-            channels=channels(items),
-        ),
-    )
-    [expl] = await pipeline.explain(services, model, items, work, clock)
-    extras = None
-    if scoring is not None:
-        curves = await services.executor.score(
-            model.handle, pipeline.batch(items), expl, scoring, timeout=clock.remaining()
-        )
-        extras = [[{f"{kind}_auc": round(auc(c[kind]), 6) for kind in c} for c in row] for row in curves]
+    clock = pipeline.Clock(services.settings.request_timeout_s)
+    parsed = await parse_request(request, ExplainOptions, services.settings)
+    done = await pipeline.explain_request(services, model, parsed, EXPLAIN_FORMATS, clock)
     return await pipeline.within(
         clock,
         partial(
             render_explanation,
             elapsed_ms=clock.elapsed_ms,
-            stream=size > budget.STREAM_BYTES,
-            extras=extras,
+            stream=done.size > budget.STREAM_BYTES,
+            extras=done.extras,
         ),
-        fmt,
+        done.fmt,
         model,
-        expl,
-        items,
-        work.targets,
-        render,
+        done.expl,
+        done.items,
+        done.targets,
+        done.render,
     )
 
 
@@ -157,7 +121,7 @@ async def compare(request: Request, model: ModelDep, services: ServicesDep) -> R
         render.resolve(get_method(methods[0]).rendering),
         [it.geometry for it in items],
         targets=work.targets.per_image,
-        channels=channels(items),
+        channels=pipeline.channels(items),
         methods=len(methods),
     )
     size = budget.check(settings, shape)
@@ -174,11 +138,6 @@ async def compare(request: Request, model: ModelDep, services: ServicesDep) -> R
         clock.elapsed_ms,
         size > budget.STREAM_BYTES,
     )
-
-
-def channels(items: list[Prepared]) -> int:
-    """The model input's channels (the values per pixel of a ``reduction=none`` map)."""
-    return int(items[0].x.shape[0])
 
 
 def _render_compare(

@@ -75,10 +75,12 @@ class Job(BaseModel):
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     progress: float = Field(ge=0.0, le=1.0, description="fraction of the forward/backward passes done")
     created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    error: JobError | None = Field(description="the problem, when the job failed")
-    result_url: str | None = Field(description="where the result is, once the job succeeded")
+    # null members default to None: the OpenAPI file drops nulls from its examples, and an
+    # example must still validate against its schema (the answers always carry every member)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    error: JobError | None = Field(None, description="the problem, when the job failed")
+    result_url: str | None = Field(None, description="where the result is, once the job succeeded")
     model: str
     method: str
     images: int = Field(description="how many images the job explains")
@@ -177,6 +179,21 @@ JOB_EXAMPLE: dict[str, Any] = {
 }
 
 
+# what a client (or a stateful test) can do next with the job's id
+JOB_LINKS: dict[str, Any] = {
+    name: {
+        "operationRef": f"#/paths/~1v1~1jobs~1{{job_id}}{suffix}/{verb}",
+        "parameters": {"job_id": "$response.body#/id"},
+        "description": description,
+    }
+    for name, suffix, verb, description in (
+        ("GetJob", "", "get", "poll the job's status and progress"),
+        ("GetJobResult", "~1result", "get", "fetch its result once it succeeded"),
+        ("CancelJob", "", "delete", "cancel it"),
+    )
+}
+
+
 # ------------------------------------------------------------------------------------------------
 # routes
 # ------------------------------------------------------------------------------------------------
@@ -189,7 +206,9 @@ JOB_EXAMPLE: dict[str, Any] = {
     "`Location`; poll it, then fetch `result_url`. A full queue or store answers 503 and an API "
     "key with too many active jobs 429, both with `Retry-After`. Submit with `format=overlay` to "
     "fetch overlays later: only then are the uploads kept after the job succeeded.",
-    openapi_extra=image_request_body(JobOptions, image_field="images", many=True),
+    openapi_extra=image_request_body(
+        JobOptions, image_field="images", many=True, example={"model": "efficientnet_lite0"}
+    ),
     responses={
         202: {
             "description": "queued",
@@ -201,6 +220,7 @@ JOB_EXAMPLE: dict[str, Any] = {
             "content": {
                 "application/json": {"example": {**JOB_EXAMPLE, "status": "queued", "progress": 0.0}}
             },
+            "links": JOB_LINKS,
         },
         **_problems(
             _404="unknown model",
