@@ -16,6 +16,7 @@ from service.knobs import knob
 Baseline = Literal["black", "white", "mean", "blur", "uniform"]
 Rule = Literal["gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid"]
 HeadFusion = Literal["mean", "max", "min"]
+Precision = Literal["fp32", "bf16", "auto"]
 
 BASELINES: tuple[str, ...] = get_args(Baseline)
 RULES: tuple[str, ...] = get_args(Rule)
@@ -69,7 +70,13 @@ class ExplainParams:
         le=MAX_BATCH_SIZE,
         server_default=True,
     )
-    autocast: bool = knob(False, "bf16 autocast (CUDA only)", request=False)
+    precision: Precision = knob(
+        "fp32",
+        "arithmetic of the model's passes: fp32; bf16 (on CUDA or a CPU with AMX-BF16/AVX512-BF16, "
+        "for the methods whose bf16 maps were measured to agree with fp32, else 422); auto: bf16 "
+        "where offered, else fp32. The echo says which ran",
+        server_default=True,
+    )
 
     def __post_init__(self) -> None:
         knobs.check(self)
