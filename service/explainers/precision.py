@@ -11,9 +11,11 @@ with its trained weights, over skimage's sample photos; ``benchmarks/precision.p
 table). A method missing from the table — every method whose fidelity was not measured, or was
 measured too low — is refused for bf16 with a 422 naming the methods that are offered.
 
-What runs in bf16: every module under ``torch.autocast`` (convolutions and linear layers in bf16;
-autocast keeps reductions such as softmax in fp32), on the bf16 attribution copy whose weights
-are stored in bf16 once (``bf16_copy``) so no call re-casts them. Accumulations that decide the
+What runs in bf16: the model's passes under ``torch.autocast`` (convolutions and linear layers in
+bf16; autocast keeps reductions such as softmax in fp32) on the bf16 attribution copy
+(``bf16_copy``: conv and linear weights stored in bf16 once, so no call re-casts them), except
+its input-adjacent stages, which stay in fp32 (``fp32_region``: plain autocast leaves IG-32 at
+r ≈ 0.85–0.89 on the default model; with them in fp32, r ≥ 0.99). Accumulations that decide the
 result stay in fp32 in the methods themselves: IG's weighted sum over steps and its completeness
 delta, the noise wrapper's mean over samples and CAM channel weights (the gradients and
 activations are read as fp32 before they are combined).
