@@ -51,12 +51,11 @@ def synchronize(device: torch.device) -> None:
 
 
 def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast on CUDA for ``dtype == "bf16"``; a no-op for fp32."""
+    """bf16 autocast on ``device`` for ``dtype == "bf16"`` (CUDA, or a CPU with bf16 units); a
+    no-op for fp32."""
     if DTYPES[dtype] is None:
         return contextlib.nullcontext()
-    if device.type != "cuda":
-        raise SystemExit("--dtype bf16 is a CUDA option (the engine's autocast is CUDA-only)")
-    return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def time_once(fn: Callable[[], object], device: torch.device) -> float:

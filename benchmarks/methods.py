@@ -18,9 +18,18 @@ below it. Examples::
     .venv/bin/python benchmarks/methods.py                            # resnet18, 224 px, 2 threads
     .venv/bin/python benchmarks/methods.py --methods all --repeats 3
     .venv/bin/python benchmarks/methods.py --gpu-suite                # images/s on CUDA, fp32 + bf16
+    .venv/bin/python benchmarks/methods.py --precision bf16 --model resnet18,default
+
+``--precision bf16`` times our bf16 engine (``precision="bf16"``: the bf16 attribution copy, see
+``service.explainers.precision``) beside our fp32 engine and Captum in fp32, for IG-32,
+SmoothGrad-16, Grad-CAM and Guided Backprop unless ``--methods`` says otherwise, on a CUDA device
+or a CPU with bf16 matrix units. ``--model default`` is the service's default model with its
+trained weights (EfficientNet-Lite0); a comma list runs each model in turn.
 
 ``--gpu-suite`` is the figure wanted from a GPU: images/s of IG-32 and SmoothGrad-16 on a randomly
-initialised ResNet-50, calls of 8 images, ours beside Captum's, in fp32 and in bf16 autocast.
+initialised ResNet-50, calls of 8 images, ours beside Captum's, in fp32 and in bf16 (ours: the
+engine's ``precision="bf16"``; Captum: its calls under bf16 autocast), e.g.
+``benchmarks/methods.py --device cuda --gpu-suite``.
 Any option given explicitly overrides the preset.
 """
 
@@ -39,6 +48,7 @@ from _common import DTYPES, autocast, build_model, device_of, interleaved, media
 from torch import Tensor, nn
 
 from service.explainers import ExplainParams, ModelHandle, Targets, all_methods, explain, predict
+from service.explainers import precision as prec
 from service.explainers.layers import get_layer
 from service.explainers.path import make_baseline
 from service.explainers.prepare import FoldedBatchNorm, FoldedBatchNormAct
@@ -83,7 +93,11 @@ GRAD_CAM_CLASSES = {
 # ------------------------------------------------------------------------------------------------
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="torchvision or timm name, random init (default resnet18)")
+    p.add_argument(
+        "--model",
+        help="torchvision or timm name, random init; 'default': the service's default model with its "
+        "trained weights; a comma list runs each (default resnet18)",
+    )
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--size", type=int, help="input side in pixels (default 224)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
@@ -102,7 +116,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--segments", type=int, default=50, help="kernel_shap/lime superpixels (default 50)")
     p.add_argument("--rule", default="gausslegendre", help="IG rule, same for Captum (default gausslegendre)")
     p.add_argument("--device", help="cpu or cuda (default cpu)")
-    p.add_argument("--dtype", help="fp32, bf16 (CUDA autocast) or a comma list (default fp32)")
+    p.add_argument(
+        "--dtype",
+        help="fp32, bf16 (ours in bf16, the references under bf16 autocast) or a comma list (default fp32)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="bf16: our bf16 engine beside our fp32 engine and Captum in fp32 (default fp32: off)",
+    )
     p.add_argument("--no-eager-floor", action="store_true", help="skip the floor through the eager model")
     p.add_argument(
         "--malloc",
@@ -131,6 +154,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         device="cpu",
         dtype="fp32",
     )
+    if args.precision == "bf16":
+        preset.update(methods="integrated_gradients,smoothgrad,gradcam,guided_backprop")
     if args.gpu_suite:
         preset.update(
             model="resnet50",
@@ -256,6 +281,16 @@ def ours(s: Setup, method: str) -> Callable[[], None]:
 
     def run() -> None:
         explain(s.handle, x, method, params, targets=Targets.given(s.targets.view(-1, 1)))
+
+    return run
+
+
+def ours_bf16(s: Setup, method: str) -> Callable[[], None]:
+    """Our engine in bf16 (``precision="bf16"``), the references and floors staying in fp32."""
+    params = s.params.with_(precision="bf16")
+
+    def run() -> None:
+        explain(s.handle, s.x, method, params, targets=Targets.given(s.targets.view(-1, 1)))
 
     return run
 
@@ -445,6 +480,15 @@ def pair_reference(s: Setup, method: str) -> Callable[[], None] | None:
 # ------------------------------------------------------------------------------------------------
 # the run
 # ------------------------------------------------------------------------------------------------
+def load_model(name: str, classes: int) -> nn.Module:
+    """``default``: the service's default model with its trained weights; else a random init."""
+    if name == "default":
+        from service.models.loaders import load_builtin
+
+        return load_builtin("efficientnet_lite0").eval()
+    return build_model(name, classes)
+
+
 def make_setup(args: argparse.Namespace, dtype: str, model: nn.Module) -> Setup:
     device = device_of(args.device)
     model = model.to(device).eval()
@@ -461,7 +505,7 @@ def make_setup(args: argparse.Namespace, dtype: str, model: nn.Module) -> Setup:
         stride=args.stride,
         seed=0,
         batch_size=args.batch_size,
-        autocast=DTYPES[dtype] is not None,
+        precision="bf16" if DTYPES[dtype] is not None else "fp32",
     )
     layer = handle.resolve_layer(None)
     return Setup(args, device, dtype, handle, model, x, targets, params, layer)
@@ -476,6 +520,11 @@ class Row:
 
 def bench_method(s: Setup, method: str) -> Row:
     contenders: dict[str, Callable[[], object]] = {"ours": ours(s, method)}
+    if s.args.precision == "bf16" and s.dtype == "fp32":
+        if prec.offered(method):
+            contenders["ours-bf16"] = ours_bf16(s, method)
+        else:
+            print(f"  {method} is not offered in bf16 (fidelity not measured or too low)", file=sys.stderr)
     for label, make in (
         ("captum", captum_reference),
         ("grad-cam", grad_cam_reference),
@@ -513,7 +562,7 @@ def describe(s: Setup) -> str:
         else f"cpu, {torch.get_num_threads()} threads"
     )
     return (
-        f"model {s.args.model} (random init, {s.args.classes} classes), input {s.args.images}×3×{s.args.size}²,"
+        f"model {s.args.model} ({'trained weights' if s.args.model == 'default' else 'random init'}, {s.args.classes} classes), input {s.args.images}×3×{s.args.size}²,"
         f" batch_size {s.args.batch_size}, steps {s.args.steps}, samples {s.args.samples}, rule {s.args.rule},"
         f" masks {s.args.masks}, window {s.args.window}, stride {s.args.stride},"
         f" coalitions {s.args.coalitions}, segments {s.args.segments},"
@@ -568,28 +617,73 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = [d.strip() for d in args.dtype.split(",")]
     if any(d not in DTYPES for d in dtypes):
         raise SystemExit(f"--dtype must be among {', '.join(DTYPES)}")
-    if args.device != "cuda" and any(DTYPES[d] is not None for d in dtypes):
-        raise SystemExit("--dtype bf16 is a CUDA option (the engine's autocast is CUDA-only)")
-    torch.manual_seed(0)
-    model = build_model(args.model, args.classes)
-    rows: list[Row] = []
-    for dtype in dtypes:
-        s = make_setup(args, dtype, model)
-        if dtype == dtypes[0]:
-            print(describe(s), flush=True)
-        try:
-            for method in methods:
-                if method == "cam" and not _cam_applies(s):
-                    continue
-                rows.append(bench_method(s, method))
-                print(f"  done {method} {dtype}", file=sys.stderr, flush=True)
-        finally:
-            for release in s.owned:
-                release()
-    print_rows(rows, args.images)
-    if args.gpu_suite:
-        print_throughput(rows, args.images)
+    wants_bf16 = args.precision == "bf16" or any(DTYPES[d] is not None for d in dtypes)
+    if wants_bf16 and not prec.bf16_supported(device_of(args.device)):
+        raise SystemExit(f"bf16: the {args.device} device here has no bf16 matrix units")
+    for name in args.model.split(","):
+        args.model = name
+        torch.manual_seed(0)
+        model = load_model(name, args.classes)
+        rows: list[Row] = []
+        for dtype in dtypes:
+            s = make_setup(args, dtype, model)
+            if dtype == dtypes[0]:
+                print(describe(s), flush=True)
+            try:
+                for method in methods:
+                    if method == "cam" and not _cam_applies(s):
+                        continue
+                    rows.append(bench_method(s, method))
+                    print(f"  done {method} {dtype}", file=sys.stderr, flush=True)
+            finally:
+                for release in s.owned:
+                    release()
+        if args.precision == "bf16":
+            print_precision(rows)
+        else:
+            print_rows(rows, args.images)
+        if args.gpu_suite:
+            print_throughput(rows, args.images)
+        print()
     return 0
+
+
+#: (method) → the largest acceptable ratio of our bf16 time to Captum's fp32 time (issue 15)
+BF16_TARGETS: dict[str, float] = {"integrated_gradients": 0.5, "smoothgrad": 0.5}
+
+
+def print_precision(rows: list[Row]) -> None:
+    """``--precision bf16``: our bf16 beside our fp32 and Captum's fp32, with the ratios."""
+    out = []
+    for r in rows:
+        t = r.times
+        fp32, bf16, cap = t["ours"], t.get("ours-bf16"), t.get("captum")
+        target = BF16_TARGETS.get(r.method)
+        verdict_ = "-"
+        if target is not None and bf16 is not None and cap is not None:
+            verdict_ = f"bf16÷captum ≤{target:.2f} {'ok' if bf16 / cap <= target else 'MISS'}"
+        out.append(
+            [
+                r.method,
+                f"{fp32:.3f}",
+                "-" if bf16 is None else f"{bf16:.3f}",
+                "-" if cap is None else f"{cap:.3f}",
+                "-" if bf16 is None else f"{bf16 / fp32:.2f}",
+                "-" if bf16 is None or cap is None else f"{bf16 / cap:.2f}",
+                "-" if cap is None else f"{fp32 / cap:.2f}",
+                verdict_,
+            ]
+        )
+    header = [
+        "method",
+        "ours fp32 s",
+        "ours bf16 s",
+        "captum fp32 s",
+        "bf16÷fp32",
+        "bf16÷captum",
+        "fp32÷captum",
+    ]
+    print(table([*header, "target"], out))
 
 
 def print_throughput(rows: list[Row], images: int) -> None:

@@ -50,7 +50,10 @@ class Settings(BaseSettings):
     )
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     precision: Literal["fp32", "bf16"] = Field(
-        "fp32", description="bf16 autocast for explanations (CUDA only; ignored on CPU)."
+        "fp32",
+        description="precision of requests that leave it unset: bf16 runs them in bf16 where the "
+        "device has bf16 matrix units and the method is offered in bf16, else in fp32 (the "
+        "request parameter's auto); a request's precision overrides it",
     )
     warmup: bool = True
     torch_threads: int | None = Field(
@@ -148,7 +151,10 @@ class Settings(BaseSettings):
     def engine_defaults(self) -> dict[str, object]:
         """The engine parameters the server sets: those a client cannot set, and the defaults of
         those it may leave unset (``server_default`` in ``ExplainParams``)."""
-        return {"batch_size": self.default_batch_size, "autocast": self.precision == "bf16"}
+        return {
+            "batch_size": self.default_batch_size,
+            "precision": "auto" if self.precision == "bf16" else "fp32",
+        }
 
 
 @lru_cache(maxsize=1)

@@ -101,6 +101,14 @@ class MethodNotApplicable(SaliencyError):
     title = "Method not applicable to this model"
 
 
+class PrecisionUnavailable(SaliencyError):
+    """The requested arithmetic precision cannot serve this call: the device has no bf16 matrix
+    units, or the method's bf16 maps were not measured to agree with its fp32 maps."""
+
+    code = "precision-unavailable"
+    title = "Precision not available"
+
+
 class TooHeavy(SaliencyError):
     """Work too large for where it was asked: a synchronous request (submit a job instead) or a
     job (above ``job_max_passes`` or ``job_max_result_bytes``: split it)."""

@@ -34,6 +34,7 @@ STATUS: dict[type[e.SaliencyError], int] = {
     e.UnknownLayer: 422,
     e.InvalidParameter: 422,  # TargetOutOfRange
     e.MethodNotApplicable: 422,
+    e.PrecisionUnavailable: 422,
     e.TooHeavy: 422,
     e.ResponseTooLarge: 422,
     e.Unauthorized: 401,

@@ -122,7 +122,7 @@ class AttentionRollout(AttentionMethod):
     name = "attention_rollout"
     description = "Attention rollout: attention matrices with the residual, multiplied over the blocks."
     paper = "https://arxiv.org/abs/2005.00928"
-    uses: ClassVar[frozenset[str]] = frozenset({"head_fusion", "discard_ratio", "batch_size", "autocast"})
+    uses: ClassVar[frozenset[str]] = frozenset({"head_fusion", "discard_ratio", "batch_size", "precision"})
     needs: ClassVar[frozenset[Need]] = frozenset({"hooks", "attention"})
 
     def chunk(
@@ -188,7 +188,7 @@ class LeGrad(AttentionMethod):
     name = "legrad"
     description = "LeGrad: gradients of each block's own prediction with respect to its attention, averaged."
     paper = "https://arxiv.org/abs/2404.03214"
-    uses: ClassVar[frozenset[str]] = frozenset({"legrad_layers", "batch_size", "autocast"})
+    uses: ClassVar[frozenset[str]] = frozenset({"legrad_layers", "batch_size", "precision"})
 
     def passes(self, params: ExplainParams) -> int:
         """One forward, one backward per block (``NOMINAL_BLOCKS`` when all; ``attribute`` corrects it)."""

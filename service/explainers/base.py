@@ -47,6 +47,8 @@ from service.explainers.layers import (
     supports_hooks,
 )
 from service.explainers.params import ExplainParams, params_schema
+from service.explainers.precision import Precision, bf16_copy
+from service.explainers.precision import autocast as precision_autocast
 from service.explainers.prepare import prepare_model
 from service.explainers.rectifiers import rectifier_calls
 from service.explainers.targets import choose
@@ -110,7 +112,9 @@ class ModelHandle:
     #: private copies kept (one per CAM layer a request named), the least recently used dropped
     max_copies: int = 4
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
-    _prepared: OrderedDict[str | None, nn.Module] = field(default_factory=OrderedDict, repr=False)
+    _prepared: OrderedDict[tuple[str | None, Precision], nn.Module] = field(
+        default_factory=OrderedDict, repr=False
+    )
     _pass_bytes: int | None = field(default=None, repr=False)
     _measured: dict[str, bool] = field(default_factory=dict, repr=False)
     _layers: LayerTable | None = field(default=None, repr=False)
@@ -123,18 +127,21 @@ class ModelHandle:
             return b.device
         return torch.device("cpu")
 
-    def prepared(self, keep: str | None = None) -> nn.Module:
-        """The private copy methods run on; ``keep`` names a layer whose output must stay exact."""
+    def prepared(self, keep: str | None = None, precision: Precision = "fp32") -> nn.Module:
+        """The private copy methods run on; ``keep`` names a layer whose output must stay exact.
+        ``precision="bf16"``: the bf16 copy (``precision.bf16_copy``), cached beside the fp32 ones."""
+        key = (keep, precision)
         with self.lock:
-            if keep not in self._prepared:
+            if key not in self._prepared:
                 # a running call holds its copy by reference: dropping it here frees it after
                 while len(self._prepared) >= max(1, self.max_copies):
                     self._prepared.popitem(last=False)
-                self._prepared[keep] = prepare_model(
-                    self.module, keep=keep, optimize=self.optimize, fresh=self.fresh
-                )
-            self._prepared.move_to_end(keep)
-            return self._prepared[keep]
+                copy = prepare_model(self.module, keep=keep, optimize=self.optimize, fresh=self.fresh)
+                if precision == "bf16":
+                    copy = bf16_copy(copy, self.probe_input())
+                self._prepared[key] = copy
+            self._prepared.move_to_end(key)
+            return self._prepared[key]
 
     def pass_bytes(self) -> int:
         """Memory one image's pass takes, measured once: the outputs of every module on a forward
@@ -358,10 +365,8 @@ class RunContext:
         return self.params.seed
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        """bf16 autocast when asked for and on CUDA; a no-op otherwise."""
-        if self.params.autocast and self.device.type == "cuda":
-            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        """bf16 autocast on the model's device when the call runs in bf16; a no-op in fp32."""
+        return precision_autocast(self.device, self.params.precision)
 
     def as_map(self, t: Tensor) -> Tensor:
         """The target layer's output (or its gradient) as a map (n, C, h, w)."""
@@ -386,7 +391,7 @@ class RunContext:
             yield slice(start, min(total, start + step))
 
     def forward(self, x: Tensor) -> Tensor:
-        """The model's logits for ``x`` in float32 (under autocast if enabled)."""
+        """The model's logits for ``x`` in float32 (under bf16 autocast for a bf16 call)."""
         with self.autocast():
             out = self.model(x)
         if not isinstance(out, Tensor):
@@ -430,7 +435,7 @@ class Method(ABC):
     family: ClassVar[Family]
     description: ClassVar[str]
     paper: ClassVar[str]
-    uses: ClassVar[frozenset[str]] = frozenset({"batch_size", "autocast"})
+    uses: ClassVar[frozenset[str]] = frozenset({"batch_size", "precision"})
     signed: ClassVar[bool] = False
     #: what the method needs of a model (see ``Need``); ``applicable`` compares it with what the
     #: model offers, then asks ``check`` for anything method-specific

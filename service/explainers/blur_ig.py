@@ -118,7 +118,7 @@ class BlurIntegratedGradients(PixelMethod):
     signed = True
     rendering = POSITIVE_ATTRIBUTION
     picks_targets = True
-    uses: ClassVar[frozenset[str]] = frozenset({"steps", "max_sigma", "batch_size", "autocast"})
+    uses: ClassVar[frozenset[str]] = frozenset({"steps", "max_sigma", "batch_size", "precision"})
     defaults: ClassVar[Mapping[str, Any]] = {"steps": 100}  # the authors' code
 
     def passes(self, params: ExplainParams) -> int:

@@ -32,7 +32,7 @@ class GradientCam(Method):
     family = "cam"
     needs: ClassVar[frozenset[Need]] = frozenset({"gradients", "hooks", "layer"})
     picks_targets = True
-    uses: ClassVar[frozenset[str]] = frozenset({"layer", "batch_size", "autocast"})
+    uses: ClassVar[frozenset[str]] = frozenset({"layer", "batch_size", "precision"})
     rendering = CAM_HEATMAP
 
     def attribute(self, ctx: RunContext, x: Tensor, targets: Tensor) -> Attribution:

@@ -128,7 +128,7 @@ class Cam(Method):
     family = "cam"
     description = "Class activation map: the final linear layer's class weights applied to the pooled maps."
     paper = "https://arxiv.org/abs/1512.04150"
-    uses: ClassVar[frozenset[str]] = frozenset({"layer", "batch_size", "autocast"})
+    uses: ClassVar[frozenset[str]] = frozenset({"layer", "batch_size", "precision"})
     signed = True
     rendering = CAM_HEATMAP
     needs: ClassVar[frozenset[Need]] = frozenset({"hooks", "layer"})

@@ -35,7 +35,7 @@ class EigenCam(Method):
     family = "cam"
     description = "Eigen-CAM: activations projected on their first principal component (class-agnostic)."
     paper = "https://arxiv.org/abs/2008.00299"
-    uses: ClassVar[frozenset[str]] = frozenset({"layer", "batch_size", "autocast"})
+    uses: ClassVar[frozenset[str]] = frozenset({"layer", "batch_size", "precision"})
     needs: ClassVar[frozenset[Need]] = frozenset({"hooks", "layer"})
     rendering = CAM_HEATMAP
 

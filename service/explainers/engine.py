@@ -21,6 +21,7 @@ from service.explainers.base import (
 )
 from service.explainers.layers import NCHW
 from service.explainers.params import ExplainParams
+from service.explainers.precision import resolve_precision
 from service.explainers.targets import Targets, choose_top_k
 
 
@@ -59,7 +60,10 @@ def explain(
     with handle.lock:
         ctx = RunContext(
             handle=handle,
-            model=handle.prepared(keep=params.layer if m.needs_layer else None),
+            model=handle.prepared(
+                keep=params.layer if m.needs_layer else None,
+                precision="bf16" if params.precision == "bf16" else "fp32",
+            ),
             params=params,
             progress=progress,
             cancel=cancel,
@@ -77,12 +81,14 @@ def resolve_params(m: Method, handle: ModelHandle, params: ExplainParams) -> Exp
     """The parameters a call runs with: the method's defaults where the request left them unset
     (``ExplainParams.for_method``) and within its own limits, the seed drawn when unset, the CAM layer resolved, and
     ``MethodNotApplicable`` unless the method applies to this model (its needs first, then its
-    own ``check``), and ``batch_size`` clamped to what the model's memory budget allows
+    own ``check``; ``PrecisionUnavailable`` for bf16 where the device or the method cannot serve
+    it, ``precision=auto`` resolved (``precision.resolve_precision``)), and ``batch_size`` clamped to what the model's memory budget allows
     (``ModelHandle.max_batch``: a memory knob, never a result one). The job service calls this at
     submission, so a job's seed and layer are fixed before it is queued."""
     params = params.for_method(m.defaults)
     m.check_limits(params)
     m.require(handle, params)
+    params = params.with_(precision=resolve_precision(m.name, params.precision, handle.device))
     if params.seed is None:
         params = params.with_(seed=secrets.randbits(62))
     if m.needs_layer:

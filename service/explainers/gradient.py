@@ -183,7 +183,7 @@ class GuidedGradCam(PixelMethod):
     signed = True
     rendering = RGB_GRADIENT
     needs: ClassVar[frozenset[Need]] = GradCam.needs | GuidedBackprop.needs
-    uses: ClassVar[frozenset[str]] = frozenset({"layer", "batch_size", "autocast"})
+    uses: ClassVar[frozenset[str]] = frozenset({"layer", "batch_size", "precision"})
 
     _gradcam: ClassVar[GradCam] = GradCam()
 

@@ -90,7 +90,7 @@ class GuidedIntegratedGradients(PixelMethod):
     signed = True
     rendering = POSITIVE_ATTRIBUTION
     picks_targets = True
-    uses: ClassVar[frozenset[str]] = frozenset({"steps", "fraction", "max_dist", "batch_size", "autocast"})
+    uses: ClassVar[frozenset[str]] = frozenset({"steps", "fraction", "max_dist", "batch_size", "precision"})
     defaults: ClassVar[Mapping[str, Any]] = {"steps": 200}  # the authors' code
 
     def passes(self, params: ExplainParams) -> int:

@@ -17,6 +17,7 @@ from service.knobs import knob
 Baseline = Literal["black", "white", "mean", "blur", "uniform"]
 Rule = Literal["gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid"]
 HeadFusion = Literal["mean", "max", "min"]
+Precision = Literal["fp32", "bf16", "auto"]
 
 BASELINES: tuple[str, ...] = get_args(Baseline)
 RULES: tuple[str, ...] = get_args(Rule)
@@ -98,7 +99,13 @@ class ExplainParams:
         le=MAX_BATCH_SIZE,
         server_default=True,
     )
-    autocast: bool = knob(False, "bf16 autocast (CUDA only)", request=False)
+    precision: Precision = knob(
+        "fp32",
+        "arithmetic of the model's passes: fp32; bf16 (on CUDA or a CPU with AMX-BF16/AVX512-BF16, "
+        "for the methods whose bf16 maps were measured to agree with fp32, else 422); auto: bf16 "
+        "where offered, else fp32. The echo says which ran",
+        server_default=True,
+    )
     #: the parameters with a per-method default that a request left unset: ``for_method`` fills
     #: them in from the method's ``defaults`` (``engine.resolve_params`` does, for each method of
     #: a request). Empty for a library caller, whose values are taken as given, and once resolved.

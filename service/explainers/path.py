@@ -169,7 +169,7 @@ class IntegratedGradients(PixelMethod):
     rendering = POSITIVE_ATTRIBUTION
     picks_targets = True
     uses: ClassVar[frozenset[str]] = frozenset(
-        {"steps", "baseline", "rule", "seed", "batch_size", "autocast"}
+        {"steps", "baseline", "rule", "seed", "batch_size", "precision"}
     )
 
     def check(self, handle: ModelHandle, params: ExplainParams) -> None:

@@ -94,7 +94,7 @@ class Occlusion(Method):
     rendering = CAM_HEATMAP
     needs: ClassVar[frozenset[Need]] = frozenset()
     uses: ClassVar[frozenset[str]] = frozenset(
-        {"window", "stride", "baseline", "seed", "batch_size", "autocast"}
+        {"window", "stride", "baseline", "seed", "batch_size", "precision"}
     )
     defaults: ClassVar[Mapping[str, Any]] = {"baseline": "mean"}
 
@@ -203,7 +203,7 @@ class Rise(Method):
     rendering = CAM_HEATMAP
     needs: ClassVar[frozenset[Need]] = frozenset()
     uses: ClassVar[frozenset[str]] = frozenset(
-        {"masks", "mask_cells", "mask_p", "seed", "batch_size", "autocast"}
+        {"masks", "mask_cells", "mask_p", "seed", "batch_size", "precision"}
     )
 
     def passes(self, params: ExplainParams) -> int:

@@ -46,7 +46,7 @@ class ScoreCam(Method):
     family = "cam"
     description = "Score-CAM: channels weighted by the target's probability on the image masked by each one."
     paper = "https://arxiv.org/abs/1910.01279"
-    uses: ClassVar[frozenset[str]] = frozenset({"layer", "batch_size", "autocast"})
+    uses: ClassVar[frozenset[str]] = frozenset({"layer", "batch_size", "precision"})
     needs: ClassVar[frozenset[Need]] = frozenset({"hooks", "layer"})
     rendering = CAM_HEATMAP
 

@@ -97,7 +97,7 @@ class SuperpixelSurrogate(Method):
     rendering = CAM_HEATMAP
     needs: ClassVar[frozenset[Need]] = frozenset()
     uses: ClassVar[frozenset[str]] = frozenset(
-        {"samples", "segments", "baseline", "seed", "batch_size", "autocast"}
+        {"samples", "segments", "baseline", "seed", "batch_size", "precision"}
     )
     defaults: ClassVar[Mapping[str, Any]] = {"samples": 1000, "baseline": "mean"}
     #: the forward passes per pair besides the ``samples`` coalitions (the clean one, …)

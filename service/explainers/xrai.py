@@ -139,7 +139,7 @@ class Xrai(Method):
     signed = True  # a region's density is negative where the attribution is
     picks_targets = True
     rendering = CAM_HEATMAP
-    uses: ClassVar[frozenset[str]] = frozenset({"steps", "rule", "batch_size", "autocast"})
+    uses: ClassVar[frozenset[str]] = frozenset({"steps", "rule", "batch_size", "precision"})
     defaults: ClassVar[Mapping[str, Any]] = {"steps": 100}  # the authors' code
 
     _ig: ClassVar[IntegratedGradients] = IntegratedGradients()

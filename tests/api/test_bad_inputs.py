@@ -216,6 +216,8 @@ ABSURD = [
     ({"reduction": "median"}, "reduction"),
     ({"normalize": "zscore"}, "normalize"),
     ({"target": "3", "top_k": "2"}, "top_k"),
+    ({"precision": "fp16"}, "precision"),
+    ({"precision": "bf16", "method": "occlusion"}, "precision"),  # bf16 fidelity not measured
 ]
 
 

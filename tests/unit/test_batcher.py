@@ -236,6 +236,12 @@ def test_batch_key(handle: ModelHandle, inputs: torch.Tensor) -> None:
     assert key("gradcam", rows=torch.tensor([[1]])) != key("gradcam", top_k=1)
     assert key("gradcam", h=other) != key("gradcam")
     assert batch_key(handle, x, "gradcam", ExplainParams(batch_size=8), Targets.top(1)) != key("gradcam")
+    # fp32 and bf16 requests never share an engine call (nor do auto ones with either)
+    precisions = {
+        p: batch_key(handle, x, "gradcam", ExplainParams(precision=p), Targets.top(1))
+        for p in ("fp32", "bf16", "auto")
+    }
+    assert precisions["fp32"] == key("gradcam") and len(set(precisions.values())) == 3
     assert batch_key(handle, torch.zeros(1, 3, 20, 20), "gradcam", ExplainParams(), Targets.top(1)) != key(
         "gradcam"
     )
