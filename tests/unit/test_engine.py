@@ -322,8 +322,13 @@ def test_result_does_not_depend_on_batch_or_batch_size(arch: str, method: str) -
     # The same numbers up to float32 rounding, which convolutions do differently per batch size.
     # On these random networks some methods amplify it (XGrad-CAM divides by Σ A_k, which can be
     # near zero: 3 % seen on densenet121), so this only catches images or targets getting mixed
-    # up (an O(1) error); the tight check runs on ``Flaky`` (test_small_model_…).
-    assert relative_error(r.alone.maps, r.out.maps[1:]) < 0.1
+    # up (an O(1) error); the tight check runs on ``Flaky`` (test_small_model_…). Black-box maps
+    # made of logit differences (kernel_shap) are at the logits' float32 resolution on networks
+    # whose output hardly depends on the input (random mobilenet_v3_small: differences ~1e-7):
+    # below that floor there is nothing to compare.
+    floor = 1e-5 * float(r.out.logits.abs().max()) * r.alone.maps.numel() ** 0.5
+    error = float(torch.linalg.vector_norm((r.alone.maps - r.out.maps[1:]).double()))
+    assert relative_error(r.alone.maps, r.out.maps[1:]) < 0.1 or error < floor
     if r.out.attributions is not None:
         assert r.alone.attributions is not None
         assert relative_error(r.alone.attributions, r.out.attributions[1:]) < 0.1
