@@ -70,6 +70,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        threads = torch.get_num_threads()  # the process's, given back at shutdown (an embedding app)
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         loading = asyncio.create_task(_load(services, registry), name="load-models")
@@ -82,6 +83,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
             if services.jobs is not None:
                 await services.jobs.stop()
             executor.shutdown()
+            torch.set_num_threads(threads)
 
     app = FastAPI(
         title=TITLE,

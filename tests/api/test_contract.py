@@ -112,6 +112,10 @@ def contract_schema(examples: int) -> Any:
     config = SchemathesisConfig.from_dict(
         {
             "request-timeout": 30,
+            # 503 (the job queue or a worker pool full) and 504 (the request's deadline) are the
+            # documented answers of an overloaded server: a slow CI machine running the fuzzed
+            # jobs meets them; a crash is still a 500
+            "checks": {"not_a_server_error": {"expected-statuses": ["2xx", "3xx", "4xx", "503", "504"]}},
             "generation": {"max-examples": examples, "no-shrink": True, "deterministic": True},
             "operations": [
                 {

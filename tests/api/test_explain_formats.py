@@ -42,7 +42,8 @@ def engine_explanation(app: FastAPI, method: str, image_png: bytes, target: int)
     """The engine's answer for the same image and parameters, called in-process."""
     model = app.state.services.registry.get("tiny")
     x, _ = model.preprocess(decode_png(image_png).convert("RGB"))
-    params = ExplainParams(steps=4, samples=3, masks=8, seed=7, layer=LAYER.get(method))
+    # as a request: what it leaves unset takes the method's default (occlusion's mean baseline)
+    params = ExplainParams.request(steps=4, samples=3, masks=8, seed=7, layer=LAYER.get(method))
     return explain(model.handle, x[None], method, params, targets=Targets.given([[target]]))
 
 
@@ -123,7 +124,7 @@ def test_json_minmax_range_and_parameters(client: TestClient, png_bytes: bytes, 
     assert set(params) == {
         "method", "target", "top_k", "layer", "steps", "samples", "noise_level", "baseline", "rule",
         "head_fusion", "discard_ratio", "legrad_layers", "window", "stride", "masks", "mask_cells", "mask_p",
-        "segments", "max_sigma", "fraction", "max_dist", "seed", "batch_size", "resolution", "colormap",
+        "segments", "max_sigma", "fraction", "max_dist", "seed", "batch_size", "precision", "resolution", "colormap",
         "alpha", "polarity", "clip_lower", "clip_upper", "style", "keep", "smooth", "reduction",
         "normalize", "format",
     }  # fmt: skip

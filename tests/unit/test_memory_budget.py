@@ -58,6 +58,6 @@ def test_private_copies_are_a_bounded_lru() -> None:
     for layer in layers:
         explain(handle, x, "gradcam", ExplainParams(layer=layer))
         assert len(handle._prepared) <= 2
-    assert list(handle._prepared) == ["layer4", "layer1"]
+    assert [layer for layer, _ in handle._prepared] == ["layer4", "layer1"]  # keyed (layer, precision)
     # the shared model was never touched: no hooks, gradients still off where they were
     assert not any(m._forward_hooks or m._backward_hooks for m in handle.module.modules())
