@@ -181,7 +181,10 @@ def test_smooth_ig_is_captum_ig_averaged_over_our_noise(mnasnet: ModelHandle) ->
         deltas.append(d.detach())
     ref = torch.stack(attrs).mean(dim=0)
     assert e.attributions is not None and e.completeness_delta is not None
-    close(e.attributions.reshape(4, 3, 32, 32), ref)
+    # 1e-3 of the map's scale: this random MNASNet's attributions are ~1e-9, where float32
+    # convolution backward differs between runs of the suite by a few 1e-4 of the scale (oneDNN's
+    # choice of algorithm); any real difference from Captum is orders of magnitude larger
+    close(e.attributions.reshape(4, 3, 32, 32), ref, rel=1e-3)
     scale = float(ref.sum(dim=(1, 2, 3)).abs().max())
     torch.testing.assert_close(
         e.completeness_delta.flatten(), torch.stack(deltas).mean(dim=0), atol=1e-3 * scale, rtol=1e-3
