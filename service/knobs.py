@@ -111,6 +111,12 @@ def _knobs(cls: Any) -> tuple[Knob, ...]:
     return tuple(out)
 
 
+@cache
+def method_default_names(cls: type) -> frozenset[str]:
+    """The names of the parameters of ``cls`` declared with a per-method default."""
+    return frozenset(k.name for k in knobs(cls) if k.method_default)
+
+
 def request_knobs(cls: type) -> tuple[Knob, ...]:
     """The parameters of ``cls`` a client may set."""
     return tuple(k for k in knobs(cls) if k.request)

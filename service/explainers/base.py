@@ -534,8 +534,7 @@ def register(cls: M) -> M:
     """Class decorator: add one instance of ``cls`` to the registry under ``cls.name``."""
     if cls.name in _REGISTRY:
         raise DuplicateName(f"method {cls.name!r} is registered twice")
-    overridable = {k.name for k in knobs.knobs(ExplainParams) if k.method_default}
-    wrong = sorted(set(cls.defaults) - (overridable & cls.uses))
+    wrong = sorted(set(cls.defaults) - (knobs.method_default_names(ExplainParams) & cls.uses))
     if wrong:
         raise TypeError(
             f"{cls.name}: defaults of parameters it does not use or without a per-method default: {wrong}"

@@ -113,9 +113,8 @@ class ExplainParams:
 
     def __post_init__(self) -> None:
         knobs.check(self)
-        allowed = {k.name for k in knobs.knobs(ExplainParams) if k.method_default}
         unset = tuple(sorted(set(self.unset)))  # a job spec read back from JSON gives a list
-        unknown = sorted(set(unset) - allowed)
+        unknown = sorted(set(unset) - knobs.method_default_names(ExplainParams))
         if unknown:
             raise ValueError(f"not parameters with a per-method default: {unknown}")
         object.__setattr__(self, "unset", unset)
@@ -124,8 +123,7 @@ class ExplainParams:
     def request(cls, **given: Any) -> ExplainParams:
         """A request's parameters: ``given``, and every per-method one it leaves out unset
         (the method's default applies, as for an HTTP request)."""
-        names = [k.name for k in knobs.knobs(cls) if k.method_default and k.name not in given]
-        return cls(**given, unset=tuple(names))
+        return cls(**given, unset=tuple(knobs.method_default_names(ExplainParams) - set(given)))
 
     def for_method(self, defaults: Mapping[str, Any]) -> ExplainParams:
         """These parameters with the unset ones taken from a method's ``defaults`` (the others
