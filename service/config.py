@@ -52,8 +52,8 @@ class Settings(BaseSettings):
     precision: Literal["fp32", "bf16"] = Field(
         "fp32",
         description="precision of requests that leave it unset: bf16 runs them in bf16 where the "
-        "device has bf16 matrix units and the method is offered in bf16, else in fp32 (the "
-        "request parameter's auto); a request's precision overrides it",
+        "method is offered in bf16 and bf16 pays on the device (CUDA, a CPU with AMX), else in "
+        "fp32 (the request parameter's auto); a request's precision overrides it",
     )
     warmup: bool = True
     torch_threads: int | None = Field(

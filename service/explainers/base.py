@@ -34,6 +34,7 @@ from service.errors import (
     UnknownMethod,
 )
 from service.explainers.attention_capture import capturable
+from service.explainers.entry import Entry, entry_of
 from service.explainers.figures import CAM_HEATMAP, Figure
 from service.explainers.layers import (
     FALLBACK_ACTIVATION_RATIO,
@@ -367,6 +368,13 @@ class RunContext:
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """bf16 autocast on the model's device when the call runs in bf16; a no-op in fp32."""
         return precision_autocast(self.device, self.params.precision)
+
+    def entry(self) -> Entry | None:
+        """The model copy's checked affine entry (``entry.entry_of``: found once per copy), or
+        ``None`` when the model has none or the handle runs its model as given (``optimize=False``)."""
+        if not self.handle.optimize:
+            return None
+        return entry_of(self.model, self.handle.probe_input(), self.autocast)
 
     def as_map(self, t: Tensor) -> Tensor:
         """The target layer's output (or its gradient) as a map (n, C, h, w)."""

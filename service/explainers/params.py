@@ -103,7 +103,7 @@ class ExplainParams:
         "fp32",
         "arithmetic of the model's passes: fp32; bf16 (on CUDA or a CPU with AMX-BF16/AVX512-BF16, "
         "for the methods whose bf16 maps were measured to agree with fp32, else 422); auto: bf16 "
-        "where offered, else fp32. The echo says which ran",
+        "where offered and where bf16 pays (CUDA, a CPU with AMX), else fp32. The echo says which ran",
         server_default=True,
     )
     #: the parameters with a per-method default that a request left unset: ``for_method`` fills

@@ -11,14 +11,17 @@ chunk's scaled inputs are made on the fly (never all steps at once) and its grad
 into a float32 accumulator per pair. Every result carries the completeness delta
 Σ_i IG_i − (f(x) − f(x')) per pair; the two endpoint forwards that it needs count as two passes.
 They run first, and their forward of the clean input also gives the engine its target scores (and
-top-1 targets); a baseline shared by every pair (all but ``blur``) is run once.
+top-1 targets); a baseline shared by every pair (all but ``blur``) is run once. When the model
+has an affine entry (its first convolution; ``service.explainers.entry``), the steps run from the
+entry's output, interpolated, and the weighted gradient sum is pulled back through the entry once
+per pair (``gradient_sum_through``): the same sum, without the entry's forward and backward per step.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -29,6 +32,7 @@ from torch import Tensor
 
 from service.errors import InvalidParameter
 from service.explainers.base import Attribution, ModelHandle, RunContext, register
+from service.explainers.entry import Entry
 from service.explainers.figures import POSITIVE_ATTRIBUTION
 from service.explainers.gradient import EMPTY, PixelMethod
 from service.explainers.params import ExplainParams
@@ -191,20 +195,129 @@ class IntegratedGradients(PixelMethod):
         targets = ends.targets
         diff = x - baseline
 
-        total = torch.zeros_like(x)  # Σ_k w_k ∇f at the scaled inputs, per pair
-        for sl in ctx.chunks(x.shape[0] * steps):
-            flat = torch.arange(sl.start, sl.stop, device=x.device)
-            pair, step = flat // steps, flat % steps
-            a = alpha[step].view(-1, 1, 1, 1)
-            grad = ctx.input_gradients(baseline[pair] + a * diff[pair], targets[pair]).grad
-            total.index_add_(0, pair, grad * weight[step].view(-1, 1, 1, 1))
-            ctx.advance(sl.stop - sl.start)
+        entry = ctx.entry()
+        if entry is None:
+            total = torch.zeros_like(x)  # Σ_k w_k ∇f at the scaled inputs, per pair
+            for sl in ctx.chunks(x.shape[0] * steps):
+                flat = torch.arange(sl.start, sl.stop, device=x.device)
+                pair, step = flat // steps, flat % steps
+                a = alpha[step].view(-1, 1, 1, 1)
+                grad = ctx.input_gradients(baseline[pair] + a * diff[pair], targets[pair]).grad
+                total.index_add_(0, pair, grad * weight[step].view(-1, 1, 1, 1))
+                ctx.advance(sl.stop - sl.start)
+        else:
+            shared = ctx.params.baseline != "blur"
+            total = gradient_sum_through(entry, ctx, x, baseline, targets, alpha, weight, shared=shared)
 
         attributions = diff * total
         delta = attributions.sum(dim=(1, 2, 3)) - (ends.f_x - ends.f_base)
         return Attribution(
             maps=EMPTY, attributions=attributions, delta=delta, logits=ends.logits, targets=targets
         )
+
+
+def gradient_sum_through(
+    entry: Entry,
+    ctx: RunContext,
+    x: Tensor,
+    baseline: Tensor,
+    targets: Tensor,
+    alpha: Tensor,
+    weight: Tensor,
+    *,
+    shared: bool,
+) -> Tensor:
+    """Σ_k w_k ∇f(x' + α_k(x − x')) per pair, for a model with an affine entry E (``entry``):
+    the same sum as the plain loop, with E's forward run once per input and baseline and its
+    backward once per pair (see ``service.explainers.entry``).
+
+    The steps × pairs rows run in the same chunks of ``batch_size`` as the plain loop; each row's
+    E-output is E(x') + α_k(E(x) − E(x')), its gradient at E's output is summed (weighted, float32)
+    per pair, and a pair's sum is pulled back through E when its last step has run, so only the
+    pairs of the current chunk are held at E's resolution.
+    """
+    model, steps, m = ctx.model, len(alpha), x.shape[0]
+    autocast = ctx.autocast
+    # a shared baseline's E-output once; a per-pair one (blur) with its pair's, when first needed
+    shared_base = entry.outputs(model, baseline[:1], autocast) if shared else None
+    total = torch.empty_like(x)
+    lo = hi = 0  # the pairs [lo, hi) held: their E-output differences and gradient sums
+    held_diff = held_sum = held_base = torch.empty(0, device=x.device)
+
+    def release(upto: int) -> None:
+        nonlocal lo, held_diff, held_sum, held_base
+        if upto > lo:
+            n = upto - lo
+            total[lo:upto] = entry.pullback(model, x[lo:upto], held_sum[:n], autocast)
+            held_diff, held_sum, lo = held_diff[n:], held_sum[n:], upto
+            held_base = held_base if shared else held_base[n:]
+
+    for sl in ctx.chunks(m * steps):
+        release(sl.start // steps)  # pairs whose steps all ran
+        last = (sl.stop - 1) // steps + 1
+        if last > hi:
+            h_x = entry.outputs(model, x[hi:last], autocast)
+            if shared_base is not None:
+                base = shared_base
+            else:
+                base = entry.outputs(model, baseline[hi:last], autocast)
+                held_base = torch.cat([held_base, base]) if held_base.numel() else base
+            held_diff = torch.cat([held_diff, h_x - base]) if held_diff.numel() else h_x - base
+            held_sum = (
+                torch.cat([held_sum, torch.zeros_like(h_x)]) if held_sum.numel() else torch.zeros_like(h_x)
+            )
+            hi = last
+        # the chunk's rows, pair by pair: E(x') + α_k (E(x) − E(x')) broadcast from one leaf per
+        # pair, so the backward of the weighted logits sums each pair's w_k-weighted gradients
+        # into its leaf (a reduction, not a scatter)
+        leaves: list[Tensor] = []
+        parts: list[Tensor] = []
+        weights: list[Tensor] = []
+        pairs: list[int] = []
+        for p in range(sl.start // steps, last):
+            first, stop = max(sl.start, p * steps) - p * steps, min(sl.stop, (p + 1) * steps) - p * steps
+            start = shared_base if shared_base is not None else held_base[p - lo : p - lo + 1]
+            leaf = start.detach().requires_grad_(True)
+            a = alpha[first:stop].view(-1, 1, 1, 1)
+            parts.append(_Steps.apply(leaf, a, held_diff[p - lo : p - lo + 1]))
+            leaves.append(leaf)
+            weights.append(weight[first:stop])
+            pairs.extend([p] * (stop - first))
+        with torch.enable_grad():
+            h = parts[0] if len(parts) == 1 else torch.cat(parts)
+            logits = entry.logits_from(model, h, x, autocast)
+            index = targets[torch.tensor(pairs, device=x.device)].view(-1, 1)
+            selected = logits.gather(1, index).squeeze(1)
+            grads = torch.autograd.grad((selected * torch.cat(weights)).sum(), leaves)
+        for p, grad in zip(range(sl.start // steps, last), grads, strict=True):
+            held_sum[p - lo] += grad[0].float()
+        ctx.advance(sl.stop - sl.start)
+    release(m)
+    return total
+
+
+class _Steps(torch.autograd.Function):
+    """Rows ``start`` + α_k · ``diff`` of one pair's steps, broadcast from (1, …) ``start`` and
+    ``diff``; the backward sums the rows' gradients into ``start`` as a matrix product (summing a
+    channels_last batch over its first dimension with ``Tensor.sum`` is ~20× slower on the CPU)."""
+
+    @staticmethod
+    def forward(ctx: Any, start: Tensor, alpha: Tensor, diff: Tensor) -> Tensor:
+        return torch.addcmul(start, alpha, diff)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        return sum_rows(grad), None, None
+
+
+def sum_rows(g: Tensor) -> Tensor:
+    """``g.sum(0, keepdim=True)`` of a batch in any memory layout, reading it in its own order."""
+    rows = g.shape[0]
+    if g.dim() == 4 and not g.is_contiguous() and g.is_contiguous(memory_format=torch.channels_last):
+        nhwc = g.permute(0, 2, 3, 1)
+        ones = torch.ones(1, rows, dtype=g.dtype, device=g.device)
+        return (ones @ nhwc.reshape(rows, -1)).view(1, *nhwc.shape[1:]).permute(0, 3, 1, 2)
+    return g.sum(0, keepdim=True)
 
 
 @dataclass

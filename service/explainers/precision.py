@@ -4,6 +4,7 @@
 GPUs with native bf16 (Ampere and later) and CPUs whose oneDNN kernels have bf16 instructions
 (Intel AMX-BF16, or AVX512-BF16 on Intel Cooper Lake+ and AMD Zen 4+). Elsewhere bf16 would be
 emulated, slower than fp32, so it is refused (``PrecisionUnavailable``, 422) rather than run.
+``precision="auto"`` picks bf16 only where it pays (``bf16_pays``: CUDA, or a CPU with AMX).
 
 bf16 keeps 8 bits of mantissa: a method may serve bf16 maps only when they were measured to agree
 with its fp32 maps (``BF16_FIDELITY``: Pearson r of the maps on the default model, EfficientNet-Lite0
@@ -44,7 +45,7 @@ BF16_FIDELITY: dict[str, float] = {
     "gradcam": 0.9998,
     "saliency": 0.9610,
     "guided_backprop": 0.9984,
-    "integrated_gradients": 0.9921,
+    "integrated_gradients": 0.9919,
     "smoothgrad": 0.9810,
 }
 
@@ -54,14 +55,10 @@ MIN_FIDELITY = 0.95
 _CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
-@functools.cache
-def cpu_has_bf16() -> bool:
-    """Whether this CPU has bf16 matrix instructions oneDNN uses (AMX-BF16 or AVX512-BF16).
-
-    Asks torch (``torch.cpu._is_amx_tile_supported`` / ``_is_avx512_bf16_supported``, private but
-    present since torch 2.3); without them, reads the flags of ``/proc/cpuinfo`` (Linux).
-    """
-    probes = [getattr(torch.cpu, n, None) for n in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+def _cpu_has(probe_names: tuple[str, ...], flags: tuple[str, ...]) -> bool:
+    """Whether torch's CPU probes (private but present since torch 2.3) say yes to any of
+    ``probe_names``; without them, whether ``/proc/cpuinfo`` (Linux) lists any of ``flags``."""
+    probes = [getattr(torch.cpu, n, None) for n in probe_names]
     known = [p for p in probes if callable(p)]
     if known:
         with contextlib.suppress(Exception):
@@ -70,10 +67,22 @@ def cpu_has_bf16() -> bool:
         text = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
         return False
-    flags = {
+    listed = {
         f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()
     }
-    return any(f in flags for f in _CPU_FLAGS)
+    return any(f in listed for f in flags)
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 matrix instructions oneDNN uses (AMX-BF16 or AVX512-BF16)."""
+    return _cpu_has(("_is_amx_tile_supported", "_is_avx512_bf16_supported"), _CPU_FLAGS)
+
+
+@functools.cache
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Intel Sapphire Rapids and later), where bf16 pays."""
+    return _cpu_has(("_is_amx_tile_supported",), ("amx_bf16",))
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -88,6 +97,15 @@ def bf16_supported(device: torch.device) -> bool:
     return False
 
 
+def bf16_pays(device: torch.device) -> bool:
+    """Whether bf16 is reliably faster than fp32 on ``device``, so ``auto`` picks it: a CUDA GPU
+    with bf16, or a CPU with AMX. On a CPU with AVX512-BF16 only (AMD Zen 4, Intel Cooper Lake),
+    measured with ``benchmarks/methods.py --precision bf16``: resnet18's IG-32 takes 0.7× its fp32
+    time, the default model's 0.95–1.1× (its fp32 stages are most of the work), so ``auto`` stays
+    fp32 there and bf16 runs only when asked for."""
+    return bf16_supported(device) and (device.type != "cpu" or cpu_has_amx())
+
+
 def offered(method: str) -> bool:
     """Whether ``method`` may run in bf16 (its measured fidelity is in ``BF16_FIDELITY``)."""
     return BF16_FIDELITY.get(method, 0.0) >= MIN_FIDELITY
@@ -96,11 +114,12 @@ def offered(method: str) -> bool:
 def resolve_precision(method: str, precision: str, device: torch.device) -> Precision:
     """The precision a call of ``method`` on ``device`` runs at: ``fp32`` as asked; ``bf16`` as
     asked, or ``PrecisionUnavailable`` (422) when the method is not offered in bf16 or the device
-    has no bf16 units; ``auto``: bf16 where both allow it, else fp32."""
+    has no bf16 units; ``auto``: bf16 where the method is offered and bf16 pays on the device
+    (``bf16_pays``), else fp32."""
     if precision == "fp32":
         return "fp32"
     if precision == "auto":
-        return "bf16" if offered(method) and bf16_supported(device) else "fp32"
+        return "bf16" if offered(method) and bf16_pays(device) else "fp32"
     if not offered(method):
         listed = ", ".join(sorted(m for m in BF16_FIDELITY if offered(m))) or "none"
         raise PrecisionUnavailable(

@@ -119,6 +119,7 @@ def test_bf16_is_refused_without_bf16_units(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_unmeasured_methods_are_refused_even_with_bf16_units(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(prec, "bf16_supported", lambda device: True)
+    monkeypatch.setattr(prec, "bf16_pays", lambda device: True)
     cpu = torch.device("cpu")
     for method in ("occlusion", "scorecam", "lime_not_a_method"):
         assert method not in prec.BF16_FIDELITY
@@ -129,6 +130,38 @@ def test_unmeasured_methods_are_refused_even_with_bf16_units(monkeypatch: pytest
         assert r >= prec.MIN_FIDELITY, method  # a method measured below the bar is not listed
         assert prec.resolve_precision(method, "bf16", cpu) == "bf16"
         assert prec.resolve_precision(method, "auto", cpu) == "bf16"
+
+
+def test_auto_stays_fp32_where_bf16_runs_but_does_not_pay(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU with AVX512-BF16 but no AMX: bf16 when asked for, fp32 for ``auto``."""
+    monkeypatch.setattr(prec, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(prec, "cpu_has_amx", lambda: False)
+    cpu = torch.device("cpu")
+    assert prec.bf16_supported(cpu) and not prec.bf16_pays(cpu)
+    assert prec.resolve_precision("integrated_gradients", "bf16", cpu) == "bf16"
+    assert prec.resolve_precision("integrated_gradients", "auto", cpu) == "fp32"
+    monkeypatch.setattr(prec, "cpu_has_amx", lambda: True)
+    assert prec.resolve_precision("integrated_gradients", "auto", cpu) == "bf16"
+
+
+def test_amx_detection_reads_the_flags_when_torch_cannot_tell(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    real = Path.read_text
+    for flags, amx in (("avx2 avx512_bf16", False), ("avx2 amx_tile amx_bf16", True)):
+        prec.cpu_has_amx.cache_clear()
+        monkeypatch.setattr(
+            Path,
+            "read_text",
+            lambda self, *a, _f=flags, **k: (
+                f"flags\t: fpu {_f}\n" if str(self) == "/proc/cpuinfo" else real(self, *a, **k)
+            ),
+        )
+        try:
+            assert prec.cpu_has_amx() is amx
+        finally:
+            prec.cpu_has_amx.cache_clear()
 
 
 def test_server_default_bf16_means_bf16_where_offered() -> None:
