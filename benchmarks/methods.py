@@ -51,7 +51,7 @@ from service.explainers import ExplainParams, ModelHandle, Targets, all_methods,
 from service.explainers import precision as prec
 from service.explainers.layers import get_layer
 from service.explainers.path import make_baseline
-from service.explainers.prepare import FoldedBatchNorm, FoldedBatchNormAct
+from service.explainers.prepare import FoldedBatchNorm, FoldedBatchNormAct, SamePadding
 
 DEFAULT_METHODS = ["integrated_gradients", "smoothgrad", "gradcam", "guided_backprop", "saliency"]
 
@@ -552,6 +552,7 @@ def describe(s: Setup) -> str:
     prepared = s.handle.prepared(None)
     folded = sum(isinstance(m, FoldedBatchNorm | FoldedBatchNormAct) for m in prepared.modules())
     bns = sum(isinstance(m, nn.BatchNorm2d) for m in s.eager.modules())
+    unpadded = sum(isinstance(vars(m).get("forward"), SamePadding) for m in prepared.modules())
     cl = any(
         p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
         for p in prepared.parameters()
@@ -568,7 +569,7 @@ def describe(s: Setup) -> str:
         f" coalitions {s.args.coalitions}, segments {s.args.segments},"
         f" target layer {s.layer}\n"
         f"device {dev}; torch {torch.__version__}; prepared copy: {folded}/{bns} BatchNorms folded,"
-        f" channels_last={cl}; malloc {s.args.malloc};"
+        f" {unpadded} SAME convolutions unpadded, channels_last={cl}; malloc {s.args.malloc};"
         f" {s.args.stat} of {s.args.repeats} interleaved rounds after 1 warm-up"
     )
 

@@ -100,9 +100,9 @@ def bf16_supported(device: torch.device) -> bool:
 def bf16_pays(device: torch.device) -> bool:
     """Whether bf16 is reliably faster than fp32 on ``device``, so ``auto`` picks it: a CUDA GPU
     with bf16, or a CPU with AMX. On a CPU with AVX512-BF16 only (AMD Zen 4, Intel Cooper Lake),
-    measured with ``benchmarks/methods.py --precision bf16``: resnet18's IG-32 takes 0.7× its fp32
-    time, the default model's 0.95–1.1× (its fp32 stages are most of the work), so ``auto`` stays
-    fp32 there and bf16 runs only when asked for."""
+    measured with ``benchmarks/methods.py --precision bf16`` (four runs): resnet18's IG-32 takes
+    0.6–0.9× its fp32 time, the default model's 1.0–1.2× (its fp32 stages are most of the work),
+    so ``auto`` stays fp32 there and bf16 runs only when asked for."""
     return bf16_supported(device) and (device.type != "cpu" or cpu_has_amx())
 
 

@@ -31,42 +31,42 @@ def entry_name(model: nn.Module, side: int = 32, *, bf16: bool = False) -> str |
     return None if found is None else found.name
 
 
-class TwoPaths(nn.Module):
+class Tiny(nn.Module):
+    """A convolution, a ReLU, global pooling and a linear head: its ``conv`` is an affine entry."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 5)
+
+    def head(self, h: Tensor) -> Tensor:
+        return self.fc(torch.relu(h).mean((2, 3)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.conv(x))
+
+
+class TwoPaths(Tiny):
     """The input reaches the output past the first convolution too."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.fc = nn.Linear(4, 5)
-
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc((torch.relu(self.conv(x)) + x.mean(1, keepdim=True)).mean((2, 3)))
+        return self.head(self.conv(x) + x.mean(1, keepdim=True))
 
 
-class Clamped(nn.Module):
+class Clamped(Tiny):
     """A clamp before the first convolution: its output is not affine in the input."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.fc = nn.Linear(4, 5)
-
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc(torch.relu(self.conv(x.clamp(-1, 1))).mean((2, 3)))
+        return self.head(self.conv(x.clamp(-1, 1)))
 
 
-class SizeChecked(nn.Module):
+class SizeChecked(Tiny):
     """Refuses inputs of another size (as a ViT does): the rest must run on a full-size stand-in."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.fc = nn.Linear(4, 5)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != 32:
             raise ValueError("32 px only")
-        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+        return super().forward(x)
 
 
 class Mlp(nn.Module):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from unittest import mock
 
 import pytest
 import timm
@@ -20,9 +21,11 @@ from service.explainers.hooks import hook_count
 from service.explainers.prepare import (
     FoldedBatchNorm,
     FoldedBatchNormAct,
+    SamePadding,
     close,
     fold_pairs,
     prepare_model,
+    unpad_same_convs,
 )
 
 
@@ -402,3 +405,93 @@ def test_the_float64_check_used_off_the_cpu_accepts_a_fold_and_rejects_a_wrong_o
         folded.conv.bias.add_(1e-3)  # type: ignore[union-attr]
     assert not prepare._equivalent(model, folded, x, float64=True)
     assert model.conv.weight.dtype == folded.conv.weight.dtype == torch.float32  # copies were cast
+
+
+# ------------------------------------------------------------------------------------------------
+# TF "SAME" convolutions without a padded copy
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("kernel", "stride", "dilation", "side"),
+    [
+        (3, 2, 1, 112),
+        (3, 2, 1, 113),
+        (5, 2, 1, 56),
+        (5, 2, 1, 57),
+        (3, 1, 1, 20),
+        (3, 2, 2, 30),
+        (4, 3, 1, 31),
+    ],
+)
+@pytest.mark.parametrize("groups", [1, 4])
+def test_same_padding_inside_the_convolution_is_timms(
+    kernel: int, stride: int, dilation: int, side: int, groups: int
+) -> None:
+    """Even and odd sides (asymmetric and symmetric padding), strides 1–3, a dilated kernel (which
+    keeps timm's padded copy), a plain and a grouped convolution: the same outputs and input
+    gradients as timm's ``Conv2dSame``, in float64 to the last bits of float32."""
+    torch.manual_seed(side + kernel)
+    ref = timm.layers.Conv2dSame(8, 8, kernel, stride, dilation=dilation, groups=groups).double()
+    ours = copy.deepcopy(ref)
+    assert unpad_same_convs(ours) == 1 and isinstance(vars(ours)["forward"], SamePadding)
+    x = torch.randn(2, 8, side, side + 1, dtype=torch.float64)
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, yb = ref(a), ours(b)
+    assert ya.shape == yb.shape
+    torch.testing.assert_close(yb, ya, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ya)
+    (ga,), (gb,) = torch.autograd.grad(ya, a, g), torch.autograd.grad(yb, b, g)
+    torch.testing.assert_close(gb, ga, rtol=1e-12, atol=1e-12)
+
+
+def test_same_padding_for_timms_tf_models_keeps_names_and_hooks() -> None:
+    """A TF-ported timm model: its SAME convolutions run unpadded in the prepared copy, which
+    computes what the model does, names every module as it does, fires hooks on them and can be
+    deep-copied (the bf16 copy and each ``keep`` layer's copy are made from it)."""
+    torch.manual_seed(0)
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=10).eval()
+    same = [n for n, m in model.named_modules() if type(m).__name__ == "Conv2dSame"]
+    assert len(same) == 5  # the stem and the four stride-2 depthwise convolutions
+    prepared = prepare_model(model)
+    assert all(isinstance(vars(prepared.get_submodule(n)).get("forward"), SamePadding) for n in same)
+    assert [n for n, _ in prepared.named_modules()] == [n for n, _ in model.named_modules()]
+    seen: list[tuple[int, ...]] = []
+    hook = prepared.get_submodule(same[1]).register_forward_hook(
+        lambda _m, _i, out: seen.append(tuple(out.shape))
+    )
+    x = torch.randn(2, 3, 224, 224)
+    try:
+        with torch.no_grad():
+            got, want = prepared(x), model(x)
+    finally:
+        hook.remove()
+    assert seen == [(2, 96, 56, 56)]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    again = copy.deepcopy(prepared)
+    assert vars(again.get_submodule(same[0]))["forward"].conv is again.get_submodule(same[0])
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), got)
+
+
+def test_same_padding_pads_a_copy_in_bf16() -> None:
+    """In bf16 (weights stored in bf16, or under autocast) the input is padded as timm pads it: the
+    widened kernel's bf16 depthwise backward is the slower of the two; in float32 only the kernel is."""
+    conv = timm.layers.Conv2dSame(8, 8, 3, 2, groups=8)
+    unpad_same_convs(conv)
+    x = torch.randn(2, 8, 16, 16)
+    padded: list[tuple[int, ...]] = []
+    real_pad = nn.functional.pad
+
+    def pad(t: Tensor, *args: object, **kwargs: object) -> Tensor:
+        padded.append(tuple(t.shape))
+        return real_pad(t, *args, **kwargs)  # type: ignore[arg-type]
+
+    with mock.patch.object(nn.functional, "pad", pad):
+        conv(x)
+        assert padded == [(8, 1, 3, 3)]  # float32: the kernel, not the input
+        padded.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            conv(x)
+        assert padded == [(2, 8, 16, 16)]
+        padded.clear()
+        conv.to(torch.bfloat16)(x.bfloat16())
+        assert padded == [(2, 8, 16, 16)]
