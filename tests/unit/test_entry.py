@@ -159,6 +159,21 @@ def smooth() -> ModelHandle:
     return ModelHandle(module=net.eval(), name="smooth")
 
 
+def both_ways_agree(
+    handle: ModelHandle, x: Tensor, params: ExplainParams, targets: Targets, bound: float
+) -> None:
+    """IG through the entry and IG in full: maps within ``bound`` (relative L2), completeness
+    deltas within ``bound`` of the largest attribution total."""
+    ours = explain(handle, x, "integrated_gradients", params, targets=targets)
+    with in_full():
+        full = explain(handle, x, "integrated_gradients", params, targets=targets)
+    assert ours.attributions is not None and full.attributions is not None
+    assert rel(ours.attributions, full.attributions) < bound
+    assert ours.completeness_delta is not None and full.completeness_delta is not None
+    scale = float(full.attributions.sum(dim=(2, 3, 4)).abs().max())
+    torch.testing.assert_close(ours.completeness_delta, full.completeness_delta, atol=bound * scale, rtol=0)
+
+
 @pytest.fixture(scope="module")
 def mnasnet() -> ModelHandle:
     return ModelHandle(module=random_mnasnet(), name="mnasnet0_5")
@@ -173,15 +188,7 @@ def test_ig_through_the_entry_is_ig_in_full(
     torch.manual_seed(3)
     x = torch.randn(3, 3, 40, 40)
     params = ExplainParams(steps=steps, batch_size=batch_size, baseline=baseline, seed=4)  # type: ignore[arg-type]
-    targets = Targets.given([[1, 2], [3, 4], [5, 6]])
-    ours = explain(smooth, x, "integrated_gradients", params, targets=targets)
-    with in_full():
-        full = explain(smooth, x, "integrated_gradients", params, targets=targets)
-    assert ours.attributions is not None and full.attributions is not None
-    assert rel(ours.attributions, full.attributions) < 1e-5
-    assert ours.completeness_delta is not None and full.completeness_delta is not None
-    scale = float(full.attributions.sum(dim=(2, 3, 4)).abs().max())
-    torch.testing.assert_close(ours.completeness_delta, full.completeness_delta, atol=1e-5 * scale, rtol=0)
+    both_ways_agree(smooth, x, params, Targets.given([[1, 2], [3, 4], [5, 6]]), bound=1e-5)
     assert hook_count(smooth.module) == 0 and hook_count(smooth.prepared()) == 0
 
 
@@ -232,15 +239,7 @@ def test_on_resnet18_the_two_ways_differ_only_by_rounding_at_relu_kinks() -> Non
     torch.manual_seed(11)
     x = torch.randn(2, 3, 40, 40)
     params = ExplainParams(steps=6, baseline="uniform", batch_size=5, seed=123)
-    targets = Targets.given([[3, 7], [1, 0]])
-    ours = explain(handle, x, "integrated_gradients", params, targets=targets)
-    with in_full():
-        full = explain(handle, x, "integrated_gradients", params, targets=targets)
-    assert ours.attributions is not None and full.attributions is not None
-    assert rel(ours.attributions, full.attributions) < 1e-2
-    assert ours.completeness_delta is not None and full.completeness_delta is not None
-    scale = float(full.attributions.sum(dim=(2, 3, 4)).abs().max())
-    torch.testing.assert_close(ours.completeness_delta, full.completeness_delta, atol=1e-2 * scale, rtol=0)
+    both_ways_agree(handle, x, params, Targets.given([[3, 7], [1, 0]]), bound=1e-2)
 
 
 def test_the_rest_runs_in_the_same_chunks_and_the_entry_once_per_image(mnasnet: ModelHandle) -> None:
