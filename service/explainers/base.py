@@ -374,7 +374,7 @@ class RunContext:
         ``None`` when the model has none or the handle runs its model as given (``optimize=False``)."""
         if not self.handle.optimize:
             return None
-        return entry_of(self.model, self.handle.probe_input(), self.autocast)
+        return entry_of(self.model, self.handle.probe_input, self.autocast)
 
     def as_map(self, t: Tensor) -> Tensor:
         """The target layer's output (or its gradient) as a map (n, C, h, w)."""

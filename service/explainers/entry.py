@@ -122,14 +122,14 @@ _FOUND: weakref.WeakKeyDictionary[nn.Module, Entry | None] = weakref.WeakKeyDict
 _FOUND_LOCK = threading.Lock()
 
 
-def entry_of(model: nn.Module, probe: Tensor, autocast: Autocast) -> Entry | None:
+def entry_of(model: nn.Module, probe: Callable[[], Tensor], autocast: Autocast) -> Entry | None:
     """The checked affine entry of ``model`` (a private prepared copy), or ``None``; found once per
-    copy (``find_entry``) and remembered while the copy lives. ``autocast``: the precision the
-    copy runs at (a bf16 copy is checked under bf16 autocast)."""
+    copy (``find_entry`` on an input ``probe()`` makes, only then) and remembered while the copy
+    lives. ``autocast``: the precision the copy runs at (a bf16 copy is checked under bf16 autocast)."""
     with _FOUND_LOCK:
         if model in _FOUND:
             return _FOUND[model]
-    found = find_entry(model, probe, autocast)
+    found = find_entry(model, probe(), autocast)
     with _FOUND_LOCK:
         _FOUND[model] = found
     return found
@@ -174,20 +174,29 @@ def find_entry(model: nn.Module, probe: Tensor, autocast: Autocast) -> Entry | N
     g = torch.Generator().manual_seed(0x3C6EF372)
     a, b = (torch.randn(probe.shape, generator=g).to(probe) for _ in range(2))
     with torch.no_grad():
-        try:
+        try:  # any failure means: no entry, IG runs every step in full
             first = _first_parametrised(model, a, autocast)
-        except Exception:  # any failure means: no entry, IG runs every step in full
-            return None
-        if first is None:
-            return None
-        name, module = first
-        if not isinstance(module, nn.Conv2d):
+            if first is None:
+                return None
+            name, module = first
+            if not isinstance(module, nn.Conv2d):
+                return None
+            entry = Entry(name=name, module=module, side=None)
+            if not _affine(entry, model, a, b, autocast):
+                return None
+            with autocast():
+                want = model(b)
+            if not isinstance(want, Tensor):
+                return None
+            h_b = entry.outputs(model, b, autocast)
+        except Exception:
             return None
         kernel = tuple(int(k) for k in module.kernel_size)
         for side in (max(3, *kernel), None):
+            # E's output replaced by E(b): b's logits, whatever input the model was given
             entry = Entry(name=name, module=module, side=side)
             try:
-                if _affine(entry, model, a, b, autocast) and _only_path(entry, model, a, b, autocast):
+                if _close(entry.logits_from(model, h_b, a, autocast), want.float()):
                     return entry
             except Exception:  # this stand-in fails (a model that checks its input's size): the next
                 continue
@@ -201,13 +210,3 @@ def _affine(entry: Entry, model: nn.Module, a: Tensor, b: Tensor, autocast: Auto
     mid = entry.outputs(model, (a + b) / 2, autocast)
     far = entry.outputs(model, 3 * a - 2 * b, autocast)
     return _close(mid, (ha + hb) / 2) and _close(far, 3 * ha - 2 * hb)
-
-
-def _only_path(entry: Entry, model: nn.Module, a: Tensor, b: Tensor, autocast: Autocast) -> bool:
-    """The model with E's output replaced by E(b) gives b's logits, whatever input it was given."""
-    with autocast():
-        want = model(b)
-    if not isinstance(want, Tensor):
-        return False
-    got = entry.logits_from(model, entry.outputs(model, b, autocast), a, autocast)
-    return _close(got, want.float())

@@ -261,11 +261,9 @@ def gradient_sum_through(
                 base = shared_base
             else:
                 base = entry.outputs(model, baseline[hi:last], autocast)
-                held_base = torch.cat([held_base, base]) if held_base.numel() else base
-            held_diff = torch.cat([held_diff, h_x - base]) if held_diff.numel() else h_x - base
-            held_sum = (
-                torch.cat([held_sum, torch.zeros_like(h_x)]) if held_sum.numel() else torch.zeros_like(h_x)
-            )
+                held_base = _extend(held_base, base)
+            held_diff = _extend(held_diff, h_x - base)
+            held_sum = _extend(held_sum, torch.zeros_like(h_x))
             hi = last
         # the chunk's rows, pair by pair: E(x') + α_k (E(x) − E(x')) broadcast from one leaf per
         # pair, so the backward of the weighted logits sums each pair's w_k-weighted gradients
@@ -294,6 +292,11 @@ def gradient_sum_through(
         ctx.advance(sl.stop - sl.start)
     release(m)
     return total
+
+
+def _extend(held: Tensor, rows: Tensor) -> Tensor:
+    """``rows`` after the rows ``held`` (``held`` may be the empty start, of no shape yet)."""
+    return torch.cat([held, rows]) if held.numel() else rows
 
 
 class _Steps(torch.autograd.Function):

@@ -4,15 +4,13 @@ is the IG of running every step in full, agreeing with Captum."""
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from unittest import mock
 
 import pytest
 import torch
 import torchvision
 from captum.attr import IntegratedGradients as CaptumIG
-from helpers import random_mnasnet, random_resnet18
+from helpers import every_ig_step_in_full, random_mnasnet, random_resnet18
 from torch import Tensor, nn
 
 from service.explainers import ExplainParams, ModelHandle, Targets, explain
@@ -111,13 +109,6 @@ def test_a_model_that_checks_its_input_size_gets_a_full_size_stand_in() -> None:
     assert found is not None and found.name == "conv" and found.side is None
 
 
-@contextmanager
-def in_full() -> Iterator[None]:
-    """Every IG step run through the whole model (the reference arithmetic)."""
-    with mock.patch.object(RunContext, "entry", lambda _ctx: None):
-        yield
-
-
 def rel(a: Tensor, b: Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
@@ -165,7 +156,7 @@ def both_ways_agree(
     """IG through the entry and IG in full: maps within ``bound`` (relative L2), completeness
     deltas within ``bound`` of the largest attribution total."""
     ours = explain(handle, x, "integrated_gradients", params, targets=targets)
-    with in_full():
+    with every_ig_step_in_full():
         full = explain(handle, x, "integrated_gradients", params, targets=targets)
     assert ours.attributions is not None and full.attributions is not None
     assert rel(ours.attributions, full.attributions) < bound
@@ -218,7 +209,7 @@ def test_smooth_ig_runs_through_the_entry_too(smooth: ModelHandle) -> None:
     with mock.patch.object(RunContext, "entry", autospec=True, side_effect=lambda ctx: record(ctx, calls)):
         ours = explain(smooth, x, "smooth_ig", params)
     assert calls and all(found for found in calls)
-    with in_full():
+    with every_ig_step_in_full():
         full = explain(smooth, x, "smooth_ig", params)
     assert ours.attributions is not None and full.attributions is not None
     assert rel(ours.attributions, full.attributions) < 1e-5
@@ -227,7 +218,7 @@ def test_smooth_ig_runs_through_the_entry_too(smooth: ModelHandle) -> None:
 def record(ctx: RunContext, calls: list[int]) -> object:
     from service.explainers.entry import entry_of
 
-    found = entry_of(ctx.model, ctx.handle.probe_input(), ctx.autocast)
+    found = entry_of(ctx.model, ctx.handle.probe_input, ctx.autocast)
     calls.append(int(found is not None))
     return found
 
