@@ -18,6 +18,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ import torchvision
 from torch import Tensor, nn
 
 from service.explainers import ModelHandle
+from service.explainers.base import RunContext
 
 WAIT_S = 180.0
 
@@ -43,6 +45,23 @@ def random_mnasnet() -> nn.Module:
     """A random-init torchvision MNASNet 0.5 (10 classes, seed 1) in eval mode."""
     torch.manual_seed(1)
     return torchvision.models.mnasnet0_5(num_classes=10).eval()
+
+
+def small_cnn(classes: int = 5) -> nn.Module:
+    """Two ReLU convolutions, pooling to 2×2 and a linear head (seed 0), in eval mode."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, classes),
+    ).eval()  # fmt: skip
+
+
+@contextlib.contextmanager
+def every_ig_step_in_full() -> Iterator[None]:
+    """Integrated Gradients with the affine entry off (``RunContext.entry``): every step through
+    the whole model, the arithmetic of a reference implementation."""
+    with mock.patch.object(RunContext, "entry", lambda _ctx: None):
+        yield
 
 
 def with_reference(model: nn.Module, name: str) -> tuple[ModelHandle, nn.Module]:

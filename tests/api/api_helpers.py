@@ -96,3 +96,22 @@ def wait_for(condition: Any, what: str, timeout_s: float = 120.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.01)
+
+
+def wait_for_job(
+    client: TestClient,
+    job_id: str,
+    *states: str,
+    headers: dict[str, str] | None = None,
+    timeout_s: float = 120.0,
+) -> dict[str, Any]:
+    """Poll ``GET /v1/jobs/{job_id}`` until the job's status is one of ``states``; the job as
+    last read. Fails, showing it, after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}", headers=headers).json()
+        if job["status"] in states:
+            return job
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {job_id} not {'/'.join(states)} within {timeout_s:g} s: {job}")
+        time.sleep(0.02)

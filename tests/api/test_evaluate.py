@@ -3,13 +3,12 @@ the numbers the engine computes reach the client, the plot is a plot, bad values
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from api_helpers import decode_png, encode, sample_image, upload
+from api_helpers import decode_png, encode, sample_image, upload, wait_for_job
 from fastapi.testclient import TestClient
 
 from service.evaluation.curves import auc
@@ -172,13 +171,7 @@ def test_score_needs_json(client: TestClient, png_bytes: bytes) -> None:
 # jobs
 # ------------------------------------------------------------------------------------------------
 def wait_done(client: TestClient, job_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
-        time.sleep(0.02)
-    raise AssertionError(f"job {job_id} did not finish")
+    return wait_for_job(client, job_id, "succeeded", "failed", "cancelled")
 
 
 def test_evaluate_job_scores_every_image_with_mean_and_std(client: TestClient) -> None:

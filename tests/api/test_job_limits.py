@@ -8,14 +8,13 @@ reads them from an ``X-Test-Owner`` header. Each test builds its app with the li
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from api_helpers import encode, make_settings, sample_image, wait_ready
+from api_helpers import encode, make_settings, sample_image, wait_for_job, wait_ready
 from fastapi import Request
 from fastapi.testclient import TestClient
 
@@ -77,13 +76,7 @@ def submit(
 
 
 def wait_for(client: TestClient, job_id: str, owner: str | None, *states: str) -> dict[str, Any]:
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}", headers=as_(owner)).json()
-        if job["status"] in states:
-            return job
-        time.sleep(0.02)
-    raise AssertionError(f"job {job_id} not {states} within {WAIT_S} s")
+    return wait_for_job(client, job_id, *states, headers=as_(owner), timeout_s=WAIT_S)
 
 
 def assert_problem(r: Any, status: int, code: str | None = None) -> dict[str, Any]:

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import io
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from api_helpers import encode, make_settings, sample_image
+from api_helpers import encode, make_settings, sample_image, wait_for, wait_for_job
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -61,25 +60,6 @@ def submit(client: TestClient, images: list[bytes], **params: Any) -> dict[str, 
     return job
 
 
-def wait_for(client: TestClient, job_id: str, *states: str) -> dict[str, Any]:
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in states:
-            return job
-        time.sleep(0.02)
-    raise AssertionError(f"job {job_id} not {states} within {WAIT_S} s: {job}")
-
-
-def until(predicate: Any, what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 class HeldLane:
     """Holds the job lane's replica lock: the lane's current job blocks inside the engine."""
 
@@ -111,7 +91,7 @@ def test_result_json_one_entry_per_image_and_target_in_upload_order(
 ) -> None:
     job = submit(client, images, method="gradcam", top_k=2)
     assert job["status"] in ("queued", "running") and job["images"] == 3
-    done = wait_for(client, job["id"], "succeeded", "failed")
+    done = wait_for_job(client, job["id"], "succeeded", "failed")
     assert done["status"] == "succeeded", done
     assert done["progress"] == 1.0 and done["result_url"] == f"/v1/jobs/{job['id']}/result"
     assert "retry-after" not in client.get(f"/v1/jobs/{job['id']}").headers
@@ -142,8 +122,8 @@ def test_png_overlay_and_npy_per_image_index(client: TestClient, images: list[by
     """Overlays need the uploads, which only a job submitted with format=overlay keeps."""
     job = submit(client, images, method="gradcam")
     drawn = submit(client, images, method="gradcam", format="overlay")
-    wait_for(client, job["id"], "succeeded")
-    wait_for(client, drawn["id"], "succeeded")
+    wait_for_job(client, job["id"], "succeeded")
+    wait_for_job(client, drawn["id"], "succeeded")
     url = f"/v1/jobs/{job['id']}/result"
     for i, (w, h) in enumerate(SIZES):
         for fmt, at in (("png", url), ("overlay", f"/v1/jobs/{drawn['id']}/result")):
@@ -173,7 +153,7 @@ def test_result_rendering_overrides_are_checked_against_their_declaration(
     client: TestClient, images: list[bytes]
 ) -> None:
     job = submit(client, images[:1], method="gradcam", colormap="viridis")
-    wait_for(client, job["id"], "succeeded")
+    wait_for_job(client, job["id"], "succeeded")
     url = f"/v1/jobs/{job['id']}/result"
     bad = (
         ("colormap", "bogus"), ("alpha", "2"), ("resolution", "huge"), ("normalize", "x"), ("polarity", "x"),
@@ -197,7 +177,7 @@ def test_rgb_results_need_the_per_channel_attribution(client: TestClient, images
     gbp = submit(client, images[:1], method="guided_backprop")
     ig = submit(client, images[:1], method="integrated_gradients", steps=4)
     for job in (gbp, ig):
-        wait_for(client, job["id"], "succeeded")
+        wait_for_job(client, job["id"], "succeeded")
     r = client.get(f"/v1/jobs/{gbp['id']}/result", params={"format": "png", "resolution": "model"})
     assert r.status_code == 200, r.text
     rgb = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"), dtype=int)
@@ -233,7 +213,7 @@ def test_progress_moves_per_chunk(app: FastAPI, client: TestClient, images: list
         mid = client.get(f"/v1/jobs/{job['id']}")
         assert mid.json()["status"] == "running" and mid.headers["retry-after"] == "1"
         go_on.set()
-        wait_for(client, job["id"], "succeeded")
+        wait_for_job(client, job["id"], "succeeded")
     finally:
         go_on.set()
         store.progress = original  # type: ignore[method-assign]
@@ -246,7 +226,7 @@ def test_queued_and_running_jobs_cancel_and_full_queue_is_503(
 ) -> None:
     with HeldLane(app) as held:
         running = submit(client, images[:1], method="integrated_gradients", steps=30, batch_size=4)
-        until(lambda: client.get(f"/v1/jobs/{running['id']}").json()["status"] == "running", "running")
+        wait_for(lambda: client.get(f"/v1/jobs/{running['id']}").json()["status"] == "running", "running")
         queued = [submit(client, images[:1], method="gradcam") for _ in range(3)]
         for job in queued:
             r = client.get(f"/v1/jobs/{job['id']}")
@@ -271,7 +251,7 @@ def test_queued_and_running_jobs_cancel_and_full_queue_is_503(
         assert r.status_code == 200 and r.json()["status"] == "cancelled"
     # the running job stops at its next chunk; the lane moves on; the cancelled queued job never starts
     for job in queued[1:]:
-        assert wait_for(client, job["id"], "succeeded")["status"] == "succeeded"
+        assert wait_for_job(client, job["id"], "succeeded")["status"] == "succeeded"
     never = client.get(f"/v1/jobs/{queued[0]['id']}").json()
     assert never["status"] == "cancelled" and never["started_at"] is None
     stopped = client.get(f"/v1/jobs/{running['id']}").json()
@@ -288,7 +268,7 @@ def test_unknown_and_expired_ids(app: FastAPI, client: TestClient, images: list[
         problem(client.get(f"/v1/jobs/{job_id}/result"), 404)
         problem(client.delete(f"/v1/jobs/{job_id}"), 404)
     job = submit(client, images[:1])
-    wait_for(client, job["id"], "succeeded")
+    wait_for_job(client, job["id"], "succeeded")
     store = jobs_service(app).store
     real_clock = store.clock
     store.clock = lambda: real_clock() + 601.0  # type: ignore[method-assign]
@@ -325,7 +305,7 @@ def test_json_body_with_base64_images(client: TestClient, images: list[bytes]) -
     }
     r = client.post("/v1/jobs", json=payload)
     assert r.status_code == 202, r.text
-    wait_for(client, r.json()["id"], "succeeded")
+    wait_for_job(client, r.json()["id"], "succeeded")
     body = client.get(f"/v1/jobs/{r.json()['id']}/result", params={"resolution": "model"}).json()
     assert [e["image_index"] for e in body["explanations"]] == [0, 1]
     assert body["explanations"][0]["shape"] == [64, 64]
@@ -334,8 +314,8 @@ def test_json_body_with_base64_images(client: TestClient, images: list[bytes]) -
 def test_reduction_none_is_kept_only_when_asked_for(client: TestClient, images: list[bytes]) -> None:
     kept = submit(client, images[:1], method="saliency", reduction="none")
     plain = submit(client, images[:1], method="saliency")
-    wait_for(client, kept["id"], "succeeded")
-    wait_for(client, plain["id"], "succeeded")
+    wait_for_job(client, kept["id"], "succeeded")
+    wait_for_job(client, plain["id"], "succeeded")
     r = client.get(f"/v1/jobs/{kept['id']}/result", params={"resolution": "model"})
     assert r.json()["explanations"][0]["shape"] == [3, 64, 64]
     body = problem(client.get(f"/v1/jobs/{plain['id']}/result", params={"reduction": "none"}), 422)
@@ -352,7 +332,7 @@ def test_a_failed_job_stores_a_problem_without_internals(
 
     monkeypatch.setattr(runner, "explain", broken)
     job = submit(client, images[:1])
-    failed = wait_for(client, job["id"], "failed", "succeeded")
+    failed = wait_for_job(client, job["id"], "failed", "succeeded")
     assert failed["status"] == "failed" and failed["result_url"] is None
     error = failed["error"]
     assert set(error) == {"type", "title", "status", "detail"}

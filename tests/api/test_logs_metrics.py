@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from api_helpers import make_settings, upload, wait_ready
+from api_helpers import make_settings, upload, wait_for_job, wait_ready
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
@@ -119,10 +119,7 @@ def test_job_submission_line_names_the_model(
     )
     assert r.status_code == 202, r.text
     job_id = r.json()["id"]
-    deadline = time.monotonic() + WAIT_S
-    while client.get(f"/v1/jobs/{job_id}", headers=HEADERS).json()["status"] != "succeeded":
-        assert time.monotonic() < deadline, "job did not finish"
-        time.sleep(0.02)
+    wait_for_job(client, job_id, "succeeded", headers=HEADERS, timeout_s=WAIT_S)
     lines = json_lines(out.getvalue())
     submitted = next(d for d in request_lines(lines) if d["route"] == "/v1/jobs")
     assert (submitted["model"], submitted["method"], submitted["status"]) == ("tiny", "gradcam", 202)
@@ -217,10 +214,7 @@ def test_compute_and_job_duration_metrics(client: TestClient, png_bytes: bytes) 
     )
     assert r.status_code == 202, r.text
     job_id = r.json()["id"]
-    deadline = time.monotonic() + WAIT_S
-    while client.get(f"/v1/jobs/{job_id}", headers=HEADERS).json()["status"] != "succeeded":
-        assert time.monotonic() < deadline, "job did not finish"
-        time.sleep(0.02)
+    wait_for_job(client, job_id, "succeeded", headers=HEADERS, timeout_s=WAIT_S)
     after = client.get("/metrics", headers=HEADERS).text
 
     def grew(name: str, **labels: str) -> float:

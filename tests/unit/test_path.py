@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from unittest import mock
-
 import numpy as np
 import pytest
 import torch
 from captum.attr import IntegratedGradients as CaptumIG
-from helpers import SEEN, Recorder, random_mnasnet, random_resnet18, with_reference
+from helpers import SEEN, Recorder, every_ig_step_in_full, random_mnasnet, random_resnet18, with_reference
 from torch import Tensor, nn
 
 from service.errors import InvalidParameter
 from service.explainers import ExplainParams, ModelHandle, Targets, explain
-from service.explainers.base import RunContext
 from service.explainers.hooks import hook_count
 from service.explainers.params import RULES
 from service.explainers.path import gaussian_blur, integration_rule, make_baseline
@@ -314,7 +311,7 @@ def _ours_and_captum(
     # So does our affine entry (E(x') + α(E(x) − E(x')) rounds otherwise than E(x' + α(x − x'))):
     # the reference arithmetic runs every step in full; test_entry.py compares the two ways.
     handle, _ = zoo
-    with mock.patch.object(RunContext, "entry", lambda _ctx: None):
+    with every_ig_step_in_full():
         return _ours_and_captum_in_full(handle, rule, baseline, captum_rule)
 
 

@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 from captum.attr import Occlusion as CaptumOcclusion
+from helpers import small_cnn
 from torch import Tensor, nn
 
 from service.errors import InvalidParameter
@@ -21,14 +22,6 @@ from service.explainers import ExplainParams, ModelHandle, Targets, explain, get
 from service.explainers.hooks import hook_count
 from service.explainers.path import make_baseline
 from service.explainers.perturbation import rise_masks
-
-
-def small_cnn(classes: int = 5) -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, classes),
-    ).eval()  # fmt: skip
 
 
 def images(n: int = 2, size: int = 32, seed: int = 0) -> Tensor:

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from unittest import mock
 
 import pytest
 import torch
 import torchvision
+from helpers import every_ig_step_in_full
 from torch import nn
 
 from service.errors import TargetOutOfRange
 from service.explainers import ExplainParams, ModelHandle, Targets, all_methods, explain, get_method, predict
-from service.explainers.base import RunContext
 from service.explainers.path import make_baseline
 
 # the CNN methods (this module's model is a ResNet); the attention family, which picks its targets
@@ -54,10 +53,6 @@ def counting(handle: ModelHandle, method: str) -> Iterator[list[int]]:
         yield calls
     finally:
         hook.remove()
-
-
-def no_entry(_ctx: RunContext) -> None:
-    return None
 
 
 def chunks(rows: int) -> list[int]:
@@ -134,7 +129,7 @@ def test_ig_endpoints_score_the_targets_and_a_shared_baseline_runs_once(
     x = images(4)
     params = ExplainParams(seed=5, batch_size=BATCH, steps=STEPS, baseline=baseline)
     # the passes in full (the affine entry's partial passes are counted in test_entry.py)
-    with counting(handle, "integrated_gradients") as calls, mock.patch.object(RunContext, "entry", no_entry):
+    with counting(handle, "integrated_gradients") as calls, every_ig_step_in_full():
         out = explain(handle, x, "integrated_gradients", params)
     # endpoints (the clean rows, then the baseline rows), then steps × pairs gradient passes
     assert calls == chunks(N + baseline_rows) + chunks(N * STEPS)

@@ -19,20 +19,13 @@ import torch
 from captum._utils.models.linear_model import SkLearnLinearRegression
 from captum.attr import KernelShap as CaptumKernelShap
 from captum.attr import Lime as CaptumLime
+from helpers import small_cnn
 from torch import Tensor, nn
 
 from service.errors import InvalidParameter
 from service.explainers import ExplainParams, ModelHandle, Targets, explain, get_method
 from service.explainers.path import make_baseline
 from service.explainers.surrogate import KernelShap, Lime, grid, lime_weights, superpixels
-
-
-def small_cnn(classes: int = 5) -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, classes),
-    ).eval()  # fmt: skip
 
 
 def blobs(n: int = 2, size: int = 32, seed: int = 0) -> Tensor:
