@@ -124,26 +124,22 @@ def _torchserve_body(model: LoadedModel, done: pipeline.Explained, stream: bool)
     return torchserve_attributions(model, done, stream=stream)
 
 
+_TORCHSERVE_ROUTES = (
+    ("/predictions/{model}", torchserve_predict, "predict", torchserve_predict_doc,
+     "predictions ({verb}): the top 5 classes as {{label: probability}}"),
+    ("/explanations/{model}", torchserve_explain, "explain", torchserve_explain_doc,
+     "explanations ({verb}): one nested-list attribution per image"),
+)  # fmt: skip
 for _verb in ("POST", "PUT"):  # curl -T sends PUT; TorchServe answers both
-    _doc = torchserve_predict_doc()
-    router.add_api_route(
-        "/predictions/{model}",
-        torchserve_predict,
-        methods=[_verb],
-        name=f"torchserve_predict_{_verb.lower()}",
-        summary=f"TorchServe predictions ({_verb}): the top 5 classes as {{label: probability}}",
-        openapi_extra=_doc["extra"],
-        responses=_doc["responses"],
-        response_class=Response,
-    )
-    _doc = torchserve_explain_doc()
-    router.add_api_route(
-        "/explanations/{model}",
-        torchserve_explain,
-        methods=[_verb],
-        name=f"torchserve_explain_{_verb.lower()}",
-        summary=f"TorchServe explanations ({_verb}): one nested-list attribution per image",
-        openapi_extra=_doc["extra"],
-        responses=_doc["responses"],
-        response_class=Response,
-    )
+    for _path, _endpoint, _kind, _doc_of, _summary in _TORCHSERVE_ROUTES:
+        _doc = _doc_of()
+        router.add_api_route(
+            _path,
+            _endpoint,
+            methods=[_verb],
+            name=f"torchserve_{_kind}_{_verb.lower()}",
+            summary="TorchServe " + _summary.format(verb=_verb),
+            openapi_extra=_doc["extra"],
+            responses=_doc["responses"],
+            response_class=Response,
+        )
