@@ -57,6 +57,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -194,9 +195,12 @@ def _optimized(plain: nn.Module, keep: str | None) -> nn.Module:
 # ------------------------------------------------------------------------------------------------
 # TF "SAME" padding without a padded copy
 # ------------------------------------------------------------------------------------------------
-def same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
-    """TensorFlow's "SAME" padding of one side of ``size``: (before, after), as timm pads."""
-    total = max((-(-size // stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+def _same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+    """TensorFlow's "SAME" padding of one side of ``size``, split (before, after) as timm's
+    ``pad_same`` splits its ``get_same_padding``."""
+    from timm.layers.padding import get_same_padding
+
+    total = int(get_same_padding(size, kernel, stride, dilation))
     return total // 2, total - total // 2
 
 
@@ -215,8 +219,8 @@ class SamePadding:
     def __call__(self, x: Tensor) -> Tensor:
         c = self.conv
         (kh, kw), (sh, sw), (dh, dw) = c.kernel_size, c.stride, c.dilation
-        bh, ah = same_padding(int(x.shape[-2]), kh, sh, dh)
-        bw, aw = same_padding(int(x.shape[-1]), kw, sw, dw)
+        bh, ah = _same_padding(int(x.shape[-2]), kh, sh, dh)
+        bw, aw = _same_padding(int(x.shape[-1]), kw, sw, dw)
         fp32 = c.weight.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
         if not fp32 or (dh, dw) != (1, 1) or ah - bh not in (0, 1) or aw - bw not in (0, 1):
             padded = nn.functional.pad(x, (bw, aw, bh, ah))
@@ -230,16 +234,18 @@ class SamePadding:
 def unpad_same_convs(model: nn.Module) -> int:
     """Give every timm ``Conv2dSame`` (zero padding of its own) of ``model`` the ``SamePadding``
     forward; returns how many."""
+    timm = sys.modules.get("timm")  # not imported: the model has no timm layer
+    if timm is None:
+        return 0
     count = 0
     for module in model.modules():
         if (
-            type(module).__name__ == "Conv2dSame"
-            and isinstance(module, nn.Conv2d)
+            isinstance(module, timm.layers.Conv2dSame)
             and module.padding == (0, 0)
             and module.padding_mode == "zeros"
             and "forward" not in vars(module)
         ):
-            module.forward = SamePadding(module)  # type: ignore[method-assign,assignment]
+            module.forward = SamePadding(module)
             count += 1
     return count
 
